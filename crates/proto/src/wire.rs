@@ -339,6 +339,58 @@ impl ControllerMsg {
     }
 }
 
+/// Feature names exchanged in [`Hello::features`] / [`Welcome::features`]. The
+/// session uses the intersection; a peer never sends a message or variant whose feature
+/// was not negotiated.
+pub mod features {
+    /// `JobMode::Field` jobs (canary inferences, no injection).
+    pub const FIELD_MODE: &str = "field-mode";
+    /// `JobMode::Health` jobs.
+    pub const HEALTH_MODE: &str = "health-mode";
+    /// `ControllerMsg::Cancel`.
+    pub const CANCEL: &str = "cancel";
+    /// `AgentMsg::Telemetry` at a few Hz.
+    pub const TELEMETRY: &str = "telemetry";
+    /// Everything a v1 agent built from this crate understands.
+    pub const ALL_V1: &[&str] = &[FIELD_MODE, HEALTH_MODE, CANCEL, TELEMETRY];
+}
+
+/// Version both peers speak, or why there is none. `ours` = (version, min_version) of
+/// this side, `theirs` = the peer's.
+pub fn negotiate_version(ours: (u16, u16), theirs: (u16, u16)) -> Result<u16, String> {
+    let v = ours.0.min(theirs.0);
+    if v < ours.1 || v < theirs.1 {
+        return Err(format!(
+            "no common protocol version: we speak {}..={}, peer speaks {}..={}",
+            ours.1, ours.0, theirs.1, theirs.0
+        ));
+    }
+    Ok(v)
+}
+
+/// Features both sides listed, in our order.
+pub fn common_features(ours: &[&str], theirs: &[String]) -> Vec<String> {
+    ours.iter()
+        .filter(|f| theirs.iter().any(|t| t == *f))
+        .map(|f| f.to_string())
+        .collect()
+}
+
+impl Outcome {
+    /// Inverse of [`Outcome::as_str`].
+    pub fn parse(s: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+impl Record {
+    /// The controller's idempotency key: a record re-sent after a reconnect or an agent
+    /// restart carries the same key (and the same `seq`).
+    pub fn key(&self) -> (u64, u64, u32, u32) {
+        (self.campaign_id, self.trial_id, self.attempt, self.input)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,6 +446,20 @@ mod tests {
             last: true,
         });
         assert_eq!(ControllerMsg::decode(&c.encode()).unwrap(), c);
+    }
+
+    #[test]
+    fn negotiation() {
+        assert_eq!(negotiate_version((1, 1), (2, 1)), Ok(1));
+        assert_eq!(negotiate_version((2, 2), (3, 1)), Ok(2));
+        let e = negotiate_version((1, 1), (3, 2)).unwrap_err();
+        assert!(e.contains("1..=1") && e.contains("2..=3"), "{e}");
+        let c = common_features(features::ALL_V1, &["cancel".into(), "future".into()]);
+        assert_eq!(c, vec!["cancel".to_string()]);
+        for o in Outcome::ALL {
+            assert_eq!(Outcome::parse(o.as_str()), Some(o));
+        }
+        assert_eq!(Outcome::parse("nope"), None);
     }
 
     #[test]
