@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v socat >/dev/null 2>&1 || need_apt+=(socat)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
   $SUDO apt-get update -qq
@@ -22,6 +23,9 @@ fi
 export HIL_PYTHON="$PWD/$PYENV/bin/python"
 # In CI a missing tool is a failure, never a skipped test.
 export HIL_CI=1
+
+# Prometheus config, alert rules and their unit tests, dashboards, systemd units.
+tools/check-deploy.sh
 
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 cargo nextest run --workspace --no-fail-fast "$@"
