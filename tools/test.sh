@@ -8,6 +8,7 @@ need_apt=()
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v socat >/dev/null 2>&1 || need_apt+=(socat)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+command -v fdtoverlay >/dev/null 2>&1 || need_apt+=(device-tree-compiler)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
   $SUDO apt-get update -qq
