@@ -149,13 +149,13 @@ def lab_overview():
                                                              {"color": "green", "value": 1}]}})
     d.panel("table", "Board health now", [
         {"expr": f"hil_board_health{{{B}}} == 1", "instant": True},
-        {"expr": f"time() - hil_board_last_seen_timestamp_seconds{{{B}}}", "instant": True}],
+        {"expr": f"hil_board_up{{{B}}}", "instant": True}],
         w=12, h=8, description="Health is one axis, connectivity another: a stale health reads unknown.",
         transformations=[{"id": "merge", "options": {}},
                          {"id": "organize", "options": {
                              "excludeByName": {"Time": True, "Value #A": True, "__name__": True,
                                                "instance": True, "job": True},
-                             "renameByName": {"Value #B": "seconds since last seen"}}}])
+                             "renameByName": {"Value #B": "connected"}}}])
     d.row("Power and environment")
     d.panel("timeseries", "Board power (INA260)", [{"expr": f"hil_board_power_watts{{{B}}}", "legend": "{{board}}"}],
             unit="watt", options=TS)
@@ -190,19 +190,24 @@ def campaign():
               var("model", "Model", "label_values(hil_campaign_trials_total, model)")])
     d.row("Progress")
     d.panel("bargauge", "Progress", [
-        {"expr": f"hil_campaign_trials_done{{{C}}} / hil_campaign_trials_planned{{{C}}}", "legend": "{{campaign}}"}],
+        {"expr": f"hil_campaign_progress_ratio{{{C}}}", "legend": "{{campaign}}"}],
         w=12, h=6, unit="percentunit", options=BARGAUGE, field_defaults={"min": 0, "max": 1})
     d.panel("stat", "Trials done / planned", [
         f"sum(hil_campaign_trials_done{{{C}}})", f"sum(hil_campaign_trials_planned{{{C}}})"],
         w=6, h=6, options=STAT)
-    d.panel("stat", "Trial rate", [f"sum(rate(hil_campaign_trials_total{{{C}}}[$__rate_interval]))"],
+    d.panel("stat", "Trial rate", [f"sum(deriv(hil_campaign_trials_done{{{C}}}[$__rate_interval]))"],
             w=6, h=6, unit="short", options=STAT, description="Trials per second, all boards.")
-    d.panel("timeseries", "Outcome rates", [
-        {"expr": f"sum by (outcome) (rate(hil_campaign_trials_total{{{C},{M}}}[$__rate_interval]))",
+    d.panel("timeseries", "Inference outcome rates (campaign)", [
+        {"expr": f"sum by (outcome) (rate(hil_campaign_inference_outcomes_total{{{C}}}[$__rate_interval]))",
          "legend": "{{outcome}}"}],
-        w=24, unit="short", options=TS,
+        w=12, unit="short", options=TS,
         field_defaults={"custom": {"stacking": {"mode": "normal", "group": "A"}, "fillOpacity": 30}},
-        description="Trials per second by outcome (a trial's outcome is the worst of its inferences).")
+        description="Inferences per second by outcome, for the selected campaigns.")
+    d.panel("timeseries", "Inference outcome rates by model (all work)", [
+        {"expr": f"sum by (model, outcome) (rate(hil_inference_outcomes_total{{{M},outcome!=\"masked\"}}[$__rate_interval]))",
+         "legend": "{{model}} {{outcome}}"}],
+        w=12, unit="short", options=TS,
+        description="Every committed inference, masked ones left out so the failures are visible.")
     d.row("Failure rates (the paper's criterion: any pixel's class differs from golden)")
     for by, title in [("activation, stage", "Failure rate by activation and stage"),
                       ("model", "Failure rate by model")]:
@@ -299,8 +304,8 @@ def field():
          "legend": "{{board}}"}], w=24, unit="short", options=TS,
         field_defaults={"custom": {"drawStyle": "bars", "fillOpacity": 80}})
     d.panel("timeseries", "Canary runs per second", [
-        {"expr": f"sum by (board, model) (rate(hil_field_canary_runs_total{{{B}}}[$__rate_interval]))",
-         "legend": "{{board}} {{model}}"}], unit="short", options=TS)
+        {"expr": f"sum by (board) (rate(hil_field_canary_runs_total{{{B}}}[$__rate_interval]))",
+         "legend": "{{board}}"}], unit="short", options=TS)
     d.panel("timeseries", "VCCINT and temperature of field boards", [
         {"expr": f'hil_board_rail_volts{{{B},rail="vccint"}}', "legend": "{{board}} VCCINT"},
         {"expr": f"max by (board) (hil_board_temperature_celsius{{{B}}})", "legend": "{{board}} max temp"}],

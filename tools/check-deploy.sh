@@ -15,8 +15,10 @@ trap 'rm -rf "$tmp"' EXIT
 
 command -v promtool >/dev/null || fail "promtool missing (apt-get install prometheus)"
 
-step "promtool check config deploy/prometheus/prometheus.yml"
-promtool check config deploy/prometheus/prometheus.yml || fail "prometheus.yml"
+for cfg in deploy/prometheus/prometheus*.yml; do
+  step "promtool check config $cfg"
+  promtool check config "$cfg" || fail "$cfg"
+done
 
 step "promtool check rules deploy/prometheus/rules/*.yml"
 promtool check rules deploy/prometheus/rules/*.yml || fail "alert rules"
