@@ -1,1 +1,5 @@
-//! placeholder until the crate lands
+//! The emulated KV260 board.
+//!
+//! - [`datapath`]: the accelerator's arithmetic (runs the shipped U-Nets).
+
+pub mod datapath;
