@@ -1,0 +1,359 @@
+//! Prometheus metrics. Label sets are bounded: boards and campaigns are operator-sized
+//! sets, outcomes/states are enums, and no label ever carries a trial or record id.
+//! Per-campaign series are removed when the campaign finishes.
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub boards: IntGaugeVec,
+    pub board_up: IntGaugeVec,
+    pub board_bad_alert: IntGaugeVec,
+    pub power_watts: GaugeVec,
+    pub rail_millivolts: GaugeVec,
+    pub temperature_celsius: GaugeVec,
+    pub inference_latency: HistogramVec,
+    pub trial_outcomes: IntCounterVec,
+    pub campaign_outcomes: IntCounterVec,
+    pub campaign_trials_planned: IntGaugeVec,
+    pub campaign_trials_done: IntGaugeVec,
+    pub campaign_progress: GaugeVec,
+    pub ingest_records: IntCounter,
+    pub ingest_duplicates: IntCounter,
+    pub ingest_batch_seconds: HistogramVec,
+    pub store_commit_seconds: HistogramVec,
+    pub recoveries: IntCounterVec,
+    pub ws_rejected: IntCounterVec,
+    pub agents_connected: prometheus::IntGauge,
+    pub canary_runs: IntCounterVec,
+    pub canary_mismatches: IntCounterVec,
+    pub infra_retries: IntCounter,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    // Names are static and unique; a clash is a programming error caught by the tests.
+    r.register(Box::new(c.clone()))
+        .expect("metric registered twice");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let lat_buckets = prometheus::exponential_buckets(0.0005, 2.0, 16).expect("buckets");
+        let fast = prometheus::exponential_buckets(0.0001, 2.0, 16).expect("buckets");
+        Metrics {
+            boards: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "hil_boards",
+                        "Boards by connectivity, scheduling state and health",
+                    ),
+                    &["connectivity", "state", "health"],
+                )
+                .expect("m"),
+            ),
+            board_up: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "hil_board_up",
+                        "1 if the board's agent is connected and heartbeating",
+                    ),
+                    &["board"],
+                )
+                .expect("m"),
+            ),
+            board_bad_alert: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "hil_board_bad_alert",
+                        "1 once a board went bad after failed recoveries",
+                    ),
+                    &["board"],
+                )
+                .expect("m"),
+            ),
+            power_watts: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new("hil_board_power_watts", "Board input power"),
+                    &["board"],
+                )
+                .expect("m"),
+            ),
+            rail_millivolts: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new("hil_board_rail_millivolts", "Measured rail voltage"),
+                    &["board", "rail"],
+                )
+                .expect("m"),
+            ),
+            temperature_celsius: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new("hil_board_temperature_celsius", "Board temperature sensors"),
+                    &["board", "sensor"],
+                )
+                .expect("m"),
+            ),
+            inference_latency: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "hil_inference_latency_seconds",
+                        "Per-inference accelerator latency",
+                    )
+                    .buckets(lat_buckets),
+                    &["model"],
+                )
+                .expect("m"),
+            ),
+            trial_outcomes: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "hil_inference_outcomes_total",
+                        "Inferences committed, by model and outcome",
+                    ),
+                    &["model", "outcome"],
+                )
+                .expect("m"),
+            ),
+            campaign_outcomes: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "hil_campaign_inference_outcomes_total",
+                        "Inferences committed for active campaigns, by outcome",
+                    ),
+                    &["campaign", "outcome"],
+                )
+                .expect("m"),
+            ),
+            campaign_trials_planned: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "hil_campaign_trials_planned",
+                        "Injections in an active campaign's list",
+                    ),
+                    &["campaign"],
+                )
+                .expect("m"),
+            ),
+            campaign_trials_done: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "hil_campaign_trials_done",
+                        "Injections of an active campaign with a final outcome",
+                    ),
+                    &["campaign"],
+                )
+                .expect("m"),
+            ),
+            campaign_progress: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "hil_campaign_progress_ratio",
+                        "Done / planned for active campaigns",
+                    ),
+                    &["campaign"],
+                )
+                .expect("m"),
+            ),
+            ingest_records: reg(
+                &r,
+                IntCounter::new(
+                    "hil_ingest_records_total",
+                    "Records committed and acknowledged",
+                )
+                .expect("m"),
+            ),
+            ingest_duplicates: reg(
+                &r,
+                IntCounter::new(
+                    "hil_ingest_duplicate_records_total",
+                    "Records received again and dropped as already stored",
+                )
+                .expect("m"),
+            ),
+            ingest_batch_seconds: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "hil_ingest_batch_seconds",
+                        "Time from receiving a record batch to its ack",
+                    )
+                    .buckets(fast.clone()),
+                    &[],
+                )
+                .expect("m"),
+            ),
+            store_commit_seconds: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "hil_store_commit_seconds",
+                        "Store transaction time by kind",
+                    )
+                    .buckets(fast),
+                    &["kind"],
+                )
+                .expect("m"),
+            ),
+            recoveries: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "hil_recoveries_total",
+                        "Recovery actions by action and result",
+                    ),
+                    &["action", "result"],
+                )
+                .expect("m"),
+            ),
+            ws_rejected: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "hil_agent_frames_rejected_total",
+                        "Agent frames or connections refused, by reason",
+                    ),
+                    &["reason"],
+                )
+                .expect("m"),
+            ),
+            agents_connected: reg(
+                &r,
+                prometheus::IntGauge::new("hil_agents_connected", "Open agent websocket sessions")
+                    .expect("m"),
+            ),
+            canary_runs: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "hil_field_canary_runs_total",
+                        "Field-mode canary inferences",
+                    ),
+                    &["board"],
+                )
+                .expect("m"),
+            ),
+            canary_mismatches: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "hil_field_canary_mismatches_total",
+                        "Field-mode canary inferences that differ from golden",
+                    ),
+                    &["board"],
+                )
+                .expect("m"),
+            ),
+            infra_retries: reg(
+                &r,
+                IntCounter::new(
+                    "hil_trial_infra_retries_total",
+                    "Trials re-queued after an infrastructure error",
+                )
+                .expect("m"),
+            ),
+            registry: r,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Drop every series of a finished campaign.
+    pub fn forget_campaign(&self, id: &str) {
+        let _ = self.campaign_trials_planned.remove_label_values(&[id]);
+        let _ = self.campaign_trials_done.remove_label_values(&[id]);
+        let _ = self.campaign_progress.remove_label_values(&[id]);
+        for o in proto::wire::Outcome::ALL {
+            let _ = self
+                .campaign_outcomes
+                .remove_label_values(&[id, o.as_str()]);
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_and_forgets_campaign_series() {
+        let m = Metrics::new();
+        m.campaign_outcomes
+            .with_label_values(&["7", "masked"])
+            .inc();
+        m.campaign_progress.with_label_values(&["7"]).set(0.5);
+        assert!(
+            m.render()
+                .contains("hil_campaign_progress_ratio{campaign=\"7\"} 0.5")
+        );
+        m.forget_campaign("7");
+        assert!(!m.render().contains("campaign=\"7\""));
+    }
+
+    /// `promtool check metrics` lints names, help and types; run it when installed.
+    #[test]
+    fn promtool_accepts_the_exposition() {
+        let m = Metrics::new();
+        m.board_up.with_label_values(&["b0"]).set(1);
+        m.inference_latency
+            .with_label_values(&["tiny-relu-int8"])
+            .observe(0.002);
+        m.trial_outcomes
+            .with_label_values(&["tiny-relu-int8", "masked"])
+            .inc();
+        m.recoveries.with_label_values(&["power_cycle", "ok"]).inc();
+        m.ingest_batch_seconds
+            .with_label_values::<&str>(&[])
+            .observe(0.001);
+        let text = m.render();
+        let Ok(mut child) = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+        else {
+            eprintln!("promtool not installed; skipping the lint");
+            return;
+        };
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
