@@ -24,6 +24,9 @@ pub struct BoardFile {
     pub sensors: Sensors,
     #[serde(default)]
     pub console: Option<Console>,
+    /// Emulator-only parameters (physics, timing); absent on real boards. See docs/sim.md.
+    #[serde(default)]
+    pub sim: Option<SimSection>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,6 +85,15 @@ pub struct Accelerator {
     pub params_region: String,
     pub input_region: String,
     pub output_region: String,
+    /// The firmware preloads every model's parameter blob: model `id` (its index in
+    /// name order among the manifests of the models directory) at
+    /// `params_region.base + id * model_slot_bytes`. See [`BoardFile::model_params_addr`].
+    #[serde(default = "default_model_slot_bytes")]
+    pub model_slot_bytes: u64,
+}
+
+fn default_model_slot_bytes() -> u64 {
+    4 << 20
 }
 
 /// Byte offsets inside the control block. AP_CTRL/GIE/IER/ISR are fixed by HLS at
@@ -96,6 +108,9 @@ pub struct AccelRegs {
     pub id: u64,
     pub version: u64,
     pub cycles: u64,
+    /// Read-only error flags (AXI decode errors, bad model id); see docs/sim.md.
+    #[serde(default)]
+    pub error: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,6 +204,15 @@ impl BoardFile {
         self.regions.iter().find(|r| r.name == name)
     }
 
+    /// Physical address of model `id`'s preloaded parameter blob, if the slot fits the
+    /// parameter region.
+    pub fn model_params_addr(&self, id: u32) -> Option<u64> {
+        let r = self.region(&self.accelerator.params_region)?;
+        let slot = self.accelerator.model_slot_bytes;
+        let off = u64::from(id).checked_mul(slot)?;
+        (slot > 0 && off.checked_add(slot)? <= r.size).then(|| r.base + off)
+    }
+
     pub fn rail(&self, name: &str) -> Option<&Rail> {
         self.rails.iter().find(|r| r.name == name)
     }
@@ -215,7 +239,10 @@ impl BoardFile {
             }
             for (j, o) in self.regions.iter().enumerate().skip(i + 1) {
                 if r.base < o.base + o.size && o.base < r.base + r.size {
-                    return Err(format!("regions[{i}] ({}) overlaps regions[{j}] ({})", r.name, o.name));
+                    return Err(format!(
+                        "regions[{i}] ({}) overlaps regions[{j}] ({})",
+                        r.name, o.name
+                    ));
                 }
                 if r.name == o.name {
                     return Err(format!("regions[{j}]: duplicate name {}", o.name));
@@ -225,14 +252,22 @@ impl BoardFile {
         let a = &self.accelerator;
         for (what, name, kind) in [
             ("accelerator.region", &a.region, Some(RegionKind::Registers)),
-            ("accelerator.params_region", &a.params_region, Some(RegionKind::Weights)),
+            (
+                "accelerator.params_region",
+                &a.params_region,
+                Some(RegionKind::Weights),
+            ),
             ("accelerator.input_region", &a.input_region, None),
             ("accelerator.output_region", &a.output_region, None),
         ] {
             match self.region(name) {
                 None => return Err(format!("{what}: no region named {name:?}")),
                 Some(r) if kind.is_some_and(|k| k != r.kind) => {
-                    return Err(format!("{what}: region {name:?} is {:?}, expected {:?}", r.kind, kind.unwrap()));
+                    return Err(format!(
+                        "{what}: region {name:?} is {:?}, expected {:?}",
+                        r.kind,
+                        kind.unwrap()
+                    ));
                 }
                 _ => {}
             }
@@ -248,7 +283,10 @@ impl BoardFile {
                 return Err(format!("rails[{i}] ({}): step_mv must be > 0", r.name));
             }
             if r.driver == RailDriver::Da913x && !(300..=1900).contains(&r.min_mv) {
-                return Err(format!("rails[{i}] ({}): DA913x range is 300..=1900 mV", r.name));
+                return Err(format!(
+                    "rails[{i}] ({}): DA913x range is 300..=1900 mV",
+                    r.name
+                ));
             }
         }
         Ok(())
@@ -257,5 +295,113 @@ impl BoardFile {
 
 /// Resolve a path from the board file against the run-time root.
 pub fn resolve(root: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() { p.to_path_buf() } else { root.join(p) }
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        root.join(p)
+    }
+}
+
+/// Emulator-only parameters. Every field has a default, so a board file may give only
+/// the ones it changes. Voltages in mV, temperatures in degC, powers in W.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimSection {
+    /// Models directory, relative to the board file's own directory.
+    pub models_dir: PathBuf,
+    /// Name of the rail whose voltage drives the timing-fault model.
+    pub fault_rail: String,
+    /// Time from power-on to the login prompt (boot log replayed meanwhile).
+    pub boot_ms: u64,
+    /// Shortest power-off that fully discharges the SOM (UG1091: 2 s); shorter offs lock
+    /// the sequencer until a long off.
+    pub min_off_ms: u64,
+    /// First timing faults below this VCCINT (guardband edge).
+    pub vmin_mv: f64,
+    /// The accelerator hangs (ap_done never set) below this.
+    pub vhang_mv: f64,
+    /// The whole board crashes (kernel panic) below this.
+    pub vcrash_mv: f64,
+    /// Per-board variation of the three thresholds: uniform in +-spread, from the seed.
+    pub spread_mv: f64,
+    /// Upset probability per MAC at Vmin and the reference temperature.
+    pub fault_per_mac_at_vmin: f64,
+    /// The upset rate grows by e for every this many mV below Vmin ...
+    pub fault_mv_per_efold: f64,
+    /// ... and for every this many degC above `fault_ref_c`.
+    pub fault_c_per_efold: f64,
+    pub fault_ref_c: f64,
+    pub ambient_c: f64,
+    /// Regulator output slew (DA9121 driver default ramp_delay: 20 mV/us).
+    pub slew_mv_per_us: f64,
+    /// Cycle model: int8 MACs per cycle at full channel use (B4096: 2048).
+    pub int8_macs_per_cycle: u64,
+    /// Input/output channel parallelism of the int8 engine (B4096: ICP 16, OCP 16).
+    pub int8_icp: u64,
+    pub int8_ocp: u64,
+    pub fp32_macs_per_cycle: u64,
+    pub layer_overhead_cycles: u64,
+    /// DDR bandwidth seen by the engine, bytes per accelerator cycle.
+    pub axi_bytes_per_cycle: u64,
+    /// Mean interval of kernel printk noise on the console (0: none).
+    pub printk_interval_s: f64,
+    /// Register polling: sleep when idle, sleep when recently active, how long "recently" lasts.
+    pub idle_poll_us: u64,
+    pub hot_poll_us: u64,
+    pub hot_window_ms: u64,
+    /// SOM input power besides the PL (PS, DDR, carrier), at 25 degC.
+    pub base_w: f64,
+    /// PL leakage at nominal VCCINT and 25 degC; doubles every `leak_c_per_double` degC.
+    pub pl_leak_w: f64,
+    pub leak_c_per_double: f64,
+    /// PL dynamic power at nominal VCCINT when the accelerator is busy / idle (clock tree).
+    pub pl_dyn_busy_w: f64,
+    pub pl_dyn_idle_w: f64,
+    /// Thermal RC: degC per W above ambient, time constant.
+    pub thermal_c_per_w: f64,
+    pub thermal_tau_s: f64,
+    /// INA260 sample period (default config 0x6327: 8.8 ms).
+    pub ina260_period_us: u64,
+    /// AMS refresh period of the hwmon files.
+    pub ams_period_ms: u64,
+}
+
+impl Default for SimSection {
+    fn default() -> Self {
+        SimSection {
+            models_dir: PathBuf::from("../models"),
+            fault_rail: "vccint".into(),
+            boot_ms: 3000,
+            min_off_ms: 2000,
+            vmin_mv: 570.0,
+            vhang_mv: 540.0,
+            vcrash_mv: 530.0,
+            spread_mv: 10.0,
+            fault_per_mac_at_vmin: 3e-9,
+            fault_mv_per_efold: 5.0,
+            fault_c_per_efold: 20.0,
+            fault_ref_c: 50.0,
+            ambient_c: 25.0,
+            slew_mv_per_us: 20.0,
+            int8_macs_per_cycle: 2048,
+            int8_icp: 16,
+            int8_ocp: 16,
+            fp32_macs_per_cycle: 64,
+            layer_overhead_cycles: 2000,
+            axi_bytes_per_cycle: 16,
+            printk_interval_s: 45.0,
+            idle_poll_us: 2000,
+            hot_poll_us: 50,
+            hot_window_ms: 250,
+            base_w: 3.2,
+            pl_leak_w: 0.35,
+            leak_c_per_double: 25.0,
+            pl_dyn_busy_w: 2.4,
+            pl_dyn_idle_w: 0.15,
+            thermal_c_per_w: 6.0,
+            thermal_tau_s: 30.0,
+            ina260_period_us: 8800,
+            ams_period_ms: 50,
+        }
+    }
 }

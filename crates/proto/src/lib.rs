@@ -10,5 +10,6 @@
 pub mod board;
 pub mod manifest;
 pub mod model_files;
+pub mod smbus;
 pub mod wire;
 pub mod yaml;
