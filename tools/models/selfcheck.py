@@ -187,6 +187,22 @@ def check_arith():
     check(int8_ref.round_half_away(v).tolist() == [1, -1, 2, -3, 0, 0, 2], "round_half_away")
 
 
+def check_module(man, x, name):
+    """When the training checkpoint is at hand: the manifest graph computes what the
+    trained nn.Module computes (fp32 stages), so the files describe the trained model."""
+    ck = os.path.join("/work/cache/models", f"{name}.pt")
+    if man["stage"] == "int8" or not os.path.exists(ck):
+        return
+    from train import load_ckpt
+
+    model, _ = load_ckpt(ck)
+    refs = load_file(os.path.join(OUT, "refs", f"{name}.safetensors"))
+    nlog = refs["logits"].shape[0]
+    with torch.no_grad():
+        out = model(torch.from_numpy(x[:nlog])).numpy()
+    check(export.fp32_close(out, refs["logits"], 1e-4), f"{name}: nn.Module disagrees with the manifest graph")
+
+
 def main():
     fast = "--fast" in sys.argv
     check_arith()
@@ -209,6 +225,7 @@ def main():
             check_manifest(man, params, name)
             check(man["input"]["shape"] == [25] + list(x.shape[2:]), f"{name}: input shape vs testset")
             faults = check_refs(man, params, x, name, fast)
+            check_module(man, x, name)
             print(f"{name}: ok so far ({len(failures)} failures), {len(man['tensors'])} tensors, "
                   f"{man['params_bytes']} B, {len(faults)} faults", flush=True)
     if failures:
