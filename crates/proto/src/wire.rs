@@ -27,13 +27,21 @@ pub enum AgentMsg {
 pub enum ControllerMsg {
     Welcome(Welcome),
     /// Authentication or negotiation failed; the controller closes after sending it.
-    Refused { reason: String },
-    HeartbeatAck { seq: u64 },
+    Refused {
+        reason: String,
+    },
+    HeartbeatAck {
+        seq: u64,
+    },
     Job(JobSpec),
     Trials(TrialChunk),
     /// Every record with `seq <= upto` is committed: the agent may truncate its spool.
-    Ack { upto: u64 },
-    Cancel { job_id: u64 },
+    Ack {
+        upto: u64,
+    },
+    Cancel {
+        job_id: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -286,7 +294,10 @@ pub struct JobState {
 pub enum JobPhase {
     Started,
     /// Golden runs done: p99 latency in ns, timeout in ns.
-    GoldenReady { p99_ns: u64, timeout_ns: u64 },
+    GoldenReady {
+        p99_ns: u64,
+        timeout_ns: u64,
+    },
     Finished,
     Cancelled,
     /// The board is no longer trustworthy (golden drift, restore checksum mismatch).
@@ -469,7 +480,10 @@ mod tests {
         f.push(0);
         assert_eq!(AgentMsg::decode(&f), Err(DecodeError::Trailing(1)));
         let big = vec![0u8; MAX_FRAME_BYTES + 1];
-        assert_eq!(AgentMsg::decode(&big), Err(DecodeError::TooLarge(big.len())));
+        assert_eq!(
+            AgentMsg::decode(&big),
+            Err(DecodeError::TooLarge(big.len()))
+        );
     }
 
     proptest! {
