@@ -22,14 +22,15 @@ COUNTED = 'outcome!~"refused|infra_error"'
 
 
 def wilson(f, n, side):
-    """PromQL for one bound of the Wilson 95% interval (z = 1.96) of f/n.
+    """PromQL for one bound of the Wilson 95% interval of f/n (z = Phi^-1(0.975) = 1.959964,
+    as the controller's report uses).
 
     centre = (p + z²/2n) / (1 + z²/n), half = z·sqrt(p(1-p)/n + z²/4n²) / (1 + z²/n);
     the same formula as the controller's report, so the panel and `hilctl report` agree.
     """
     p = f"(({f}) / ({n}))"
-    centre = f"({p} + 1.9208 / ({n})) / (1 + 3.8416 / ({n}))"
-    half = f"1.96 * sqrt({p} * (1 - {p}) / ({n}) + 0.9604 / (({n}) * ({n}))) / (1 + 3.8416 / ({n}))"
+    centre = f"({p} + 1.920729 / ({n})) / (1 + 3.841459 / ({n}))"
+    half = f"1.959964 * sqrt({p} * (1 - {p}) / ({n}) + 0.960365 / (({n}) * ({n}))) / (1 + 3.841459 / ({n}))"
     return f"{centre} {'-' if side == 'lower' else '+'} {half}"
 
 

@@ -33,6 +33,10 @@ def get(base, path, params):
             return {"status": "error", "error": f"HTTP {e.code}"}
 
 
+def short(expr, n=240):
+    return expr if len(expr) <= n else expr[:n] + " ..."
+
+
 def main(argv):
     if len(argv) not in (3, 4):
         sys.exit(__doc__)
@@ -51,11 +55,11 @@ def main(argv):
         where = f"{q['dashboard']} / {q['panel']} / {q['refId']}"
         r = get(base, "/api/v1/query_range", {"query": q["expr"], "start": start, "end": end, "step": step})
         if r.get("status") != "success":
-            errors.append(f"{where}: error: {r.get('error', r)}\n    {q['expr']}")
+            errors.append(f"{where}: error: {r.get('error', r)}\n    {short(q['expr'])}")
             continue
         series = [s for s in r["data"]["result"] if s.get("values")]
         if not series:
-            errors.append(f"{where}: no data\n    {q['expr']}")
+            errors.append(f"{where}: no data\n    {short(q['expr'])}")
     rules = get(base, "/api/v1/rules", {})
     groups = rules.get("data", {}).get("groups", []) if rules.get("status") == "success" else []
     if not groups:

@@ -11,12 +11,14 @@
 //! - [`api`]: REST API with bearer-token roles and an OpenAPI document.
 //! - [`report`]: per-stratum statistics and record exports (CSV, JSONL, Parquet).
 //! - [`cli`]: `hilctl`, built on [`client`].
+//! - [`demo`]: `hilctl demo`, a whole lab on one machine (roles re-executed as processes).
 
 pub mod api;
 pub mod campaign;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod demo;
 pub mod link;
 pub mod metrics;
 pub mod recovery;
