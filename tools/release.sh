@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Release builds.
-#   tools/release.sh agent        static aarch64 hil-agent (musl) for any KV260 image
+#   tools/release.sh agent        static aarch64 hil-agent (musl, Debian cross gcc) for any KV260 image
+#   tools/release.sh agent-zig    the same, linked with zig (cargo-zigbuild from PyPI)
 #   tools/release.sh agent-gnu    dynamically linked aarch64 hil-agent (glibc >= 2.34, Debian cross gcc)
 #   tools/release.sh controller   x86_64 hil-controller + hilctl for the lab host
 # Output paths are printed at the end. See docs/release.md.
@@ -19,8 +20,19 @@ add_target() {
 
 case "$what" in
   agent)
-    # Static musl binary via cargo-zigbuild: zig links the C parts (if any) against musl,
-    # which Debian's gnu cross gcc cannot do. cargo-zigbuild and zig come from PyPI.
+    # Static musl binary with Debian's cross gcc as linker and C compiler: the agent is
+    # pure Rust apart from ring's C/asm. Exactly what CI builds (tools/aarch64-check.sh).
+    add_target aarch64-unknown-linux-musl
+    command -v aarch64-linux-gnu-gcc >/dev/null || as_root apt-get install -y -qq gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+    CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=aarch64-linux-gnu-gcc \
+    CC_aarch64_unknown_linux_musl=aarch64-linux-gnu-gcc \
+    CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="-C target-feature=+crt-static" \
+      cargo build --release --locked -p agent --bin hil-agent --target aarch64-unknown-linux-musl
+    out=target/aarch64-unknown-linux-musl/release/hil-agent
+    ;;
+  agent-zig)
+    # The same static musl binary linked by zig (cargo-zigbuild from PyPI), for when C
+    # dependencies need a real musl toolchain.
     add_target aarch64-unknown-linux-musl
     if ! command -v cargo-zigbuild >/dev/null; then
       venv=target/zigbuild-venv
@@ -41,7 +53,7 @@ case "$what" in
     cargo build --release --locked -p controller --bin hil-controller --bin hilctl
     out="target/release/hil-controller target/release/hilctl"
     ;;
-  *) die "usage: tools/release.sh agent|agent-gnu|controller" ;;
+  *) die "usage: tools/release.sh agent|agent-zig|agent-gnu|controller" ;;
 esac
 
 for f in $out; do
