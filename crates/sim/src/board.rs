@@ -85,6 +85,9 @@ pub struct Shared {
     pub console: Console,
     pub stop: AtomicBool,
     pub inferences: AtomicU64,
+    /// I2C listeners bound by `finish_boot` (so the bus answers by the time the login
+    /// prompt shows), taken by the bus threads; dropped on any power event.
+    pub i2c_listeners: Mutex<BTreeMap<PathBuf, (u64, std::os::unix::net::UnixListener)>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -106,9 +109,15 @@ impl Shared {
         self.stop.load(Ordering::Acquire)
     }
 
-    fn bump(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+    /// New epoch; `up` says whether the board is up in it (callers may hold the life lock).
+    fn bump(&self, up: bool) -> u64 {
+        let e = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        if !up {
+            // A dead board's bus does not answer, even if no thread took the listener yet.
+            lock(&self.i2c_listeners).clear();
+        }
         self.life_cv.notify_all();
+        e
     }
 
     /// Present output of the fault rail (VCCINT), mV.
@@ -155,7 +164,7 @@ impl Shared {
         drop(l);
         self.end_busy();
         tracing::info!("power off");
-        self.bump();
+        self.bump(false);
     }
 
     /// PDU outlet on. A too-short off leaves the sequencer locked (UG1091).
@@ -188,7 +197,7 @@ impl Shared {
             tracing::info!(boot_ms = self.p.boot_ms, "power on: booting");
         }
         drop(l);
-        self.bump();
+        self.bump(false);
     }
 
     /// Board-level crash: kernel panic text (if `panic`), then nothing answers.
@@ -208,7 +217,7 @@ impl Shared {
         }
         self.end_busy();
         tracing::warn!(reason, "board crashed");
-        self.bump();
+        self.bump(false);
     }
 
     fn end_busy(&self) {
@@ -274,10 +283,28 @@ impl Shared {
         let uptime = Instant::now()
             .saturating_duration_since(l.kernel_t0)
             .as_secs_f64();
+        // The next epoch is the one the listeners belong to.
+        let epoch = self.epoch.load(Ordering::Acquire) + 1;
+        {
+            let mut ls = lock(&self.i2c_listeners);
+            ls.clear();
+            for path in self.buses.keys() {
+                let _ = std::fs::remove_file(path);
+                match std::os::unix::net::UnixListener::bind(path) {
+                    Ok(li) if li.set_nonblocking(true).is_ok() => {
+                        ls.insert(path.clone(), (epoch, li));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), error = %e, "cannot bind the I2C socket")
+                    }
+                }
+            }
+        }
+        self.bump(true);
         drop(l);
         self.console.login_prompt(uptime);
         tracing::info!("board up");
-        self.bump();
     }
 
     /// Supervisor: completes boots at their deadline and emits printk noise.

@@ -246,6 +246,7 @@ impl Sim {
             console,
             stop: AtomicBool::new(false),
             inferences: AtomicU64::new(0),
+            i2c_listeners: Mutex::new(BTreeMap::new()),
         });
 
         let mut threads = Vec::new();

@@ -511,6 +511,11 @@ fn short_power_off_locks_the_sequencer_until_a_long_off() {
     assert_eq!(b.power("off"), "ok off");
     assert_eq!(b.power("on"), "ok on");
     assert_eq!(b.power("status"), "ok on");
+    let t0 = Instant::now();
+    while b.i2c().is_ok() {
+        assert!(t0.elapsed() < LONG, "I2C still answers after the off");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // Several boot times later: still nothing.
     std::thread::sleep(Duration::from_millis(1500));
     assert!(b.i2c().is_err(), "locked board answers on I2C");
@@ -761,4 +766,41 @@ fn real_and_emulated_board_files_agree() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn in_process_board_boots_and_obeys_the_power_switch() {
+    use sim::board::Life;
+    let dir = tempfile::tempdir().unwrap();
+    let board = dir.path().join("board.yaml");
+    std::fs::write(&board, board_yaml(&[])).unwrap();
+    let cfg = sim::SimConfig {
+        board_file: board,
+        state_dir: dir.path().join("state"),
+        seed: 5,
+        models_dir: None,
+    };
+    let h = sim::Sim::start(cfg).unwrap();
+    assert!(
+        h.info()
+            .models
+            .iter()
+            .any(|m| m.name == INT8 && m.error.is_none())
+    );
+    let t0 = Instant::now();
+    while h.life() != Life::Up {
+        assert!(t0.elapsed() < LONG, "never booted: {:?}", h.life());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(h.power_command("status"), "ok on");
+    assert_eq!(h.power_command("off"), "ok off");
+    assert_eq!(h.life(), Life::Off);
+    // The bus thread closes its listener on the power event; wait for it.
+    let t0 = Instant::now();
+    while UnixStream::connect(&h.info().i2c[0]).is_ok() {
+        assert!(t0.elapsed() < LONG, "I2C answers while off");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(h.power_command("dance").starts_with("err unknown command"));
+    h.stop();
 }

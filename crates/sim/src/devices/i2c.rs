@@ -5,7 +5,7 @@
 //! the way nothing answers on a dead board) and open connections are shut.
 
 use std::io::Write;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,33 +17,29 @@ use crate::board::{Life, Shared, lock};
 
 pub fn run(sh: Arc<Shared>, path: PathBuf) {
     while !sh.stopping() {
-        // Wait for the board to come up.
-        {
+        // Wait for the board to come up, then take the listener `finish_boot` bound.
+        let (listener, epoch) = {
             let mut l = lock(&sh.life);
-            while l.life != Life::Up && !sh.stopping() {
+            loop {
+                if sh.stopping() {
+                    return;
+                }
+                if l.life == Life::Up {
+                    let epoch = sh.epoch.load(Ordering::Acquire);
+                    let mut ls = lock(&sh.i2c_listeners);
+                    if let Some((e, li)) = ls.remove(&path)
+                        && e == epoch
+                    {
+                        break (li, epoch);
+                    }
+                }
                 l = sh
                     .life_cv
                     .wait_timeout(l, Duration::from_millis(200))
                     .map(|r| r.0)
                     .unwrap_or_else(|e| e.into_inner().0);
             }
-        }
-        if sh.stopping() {
-            return;
-        }
-        let epoch = sh.epoch.load(Ordering::Acquire);
-        let _ = std::fs::remove_file(&path);
-        let listener = match UnixListener::bind(&path) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "cannot bind the I2C socket");
-                std::thread::sleep(Duration::from_secs(1));
-                continue;
-            }
         };
-        if listener.set_nonblocking(true).is_err() {
-            continue;
-        }
         tracing::debug!(path = %path.display(), "I2C bus listening");
         while !sh.stopping() && sh.epoch.load(Ordering::Acquire) == epoch {
             match listener.accept() {
