@@ -250,10 +250,13 @@ impl Sim {
         });
 
         let mut threads = Vec::new();
+        // Every board thread logs inside the board's span (several boards per process).
+        let span = tracing::info_span!("board", board = %shared.board.board, seed = shared.seed);
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            let span = span.clone();
             std::thread::Builder::new()
                 .name(name.to_string())
-                .spawn(f)
+                .spawn(move || span.in_scope(f))
                 .expect("spawning a board thread")
         };
         let s = shared.clone();
