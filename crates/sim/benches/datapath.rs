@@ -86,7 +86,11 @@ fn bench_model(
     by_layer: bool,
 ) {
     let m = model.manifest();
-    let inputs: Vec<Vec<u8>> = (0..4.min(test.n))
+    let ninputs: usize = std::env::var("DP_INPUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let inputs: Vec<Vec<u8>> = (0..ninputs.min(test.n))
         .map(|i| match m.input.quant {
             Some(q) if m.input.dtype == proto::manifest::DType::I8 => {
                 quantize_input(test.input(i), q)
@@ -143,6 +147,9 @@ fn bench_model(
     for round in 0..rounds {
         for pass in 0..2 {
             let use_reuse = (round + pass) % 2 == 0;
+            if std::env::var("DP_ONLY").is_ok_and(|o| (o == "reuse") != use_reuse) {
+                continue;
+            }
             let s = cpu_ns(t0);
             for (t, &(byte, bit)) in faults.iter().enumerate() {
                 params[byte] ^= 1 << bit;
@@ -160,6 +167,9 @@ fn bench_model(
         }
     }
     let masked = (engine.stats().runs_masked - masked_before) as f64 / (trials * rounds) as f64;
+    if reuse.is_empty() || full.is_empty() {
+        return;
+    }
     let (r, f) = (median(reuse), median(full));
     println!(
         "{:<24} {:>9.3} {:>12.1} {:>7} {:>13.1} {:>13.1} {:>6.2}x {:>6.1}%",

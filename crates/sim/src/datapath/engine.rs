@@ -65,6 +65,12 @@ struct NodeChange {
 
 /// Golden caches above this many bytes evict the least recently used input.
 const CACHE_BUDGET: usize = 512 << 20;
+/// int8 conv with dirty inputs: the channel-last scatter is used while the dirty
+/// elements are fewer than 1/SCATTER_DIV of the dirty rows' elements (measured: the
+/// scatter costs several dense MACs per dirty element and tap).
+const SCATTER_DIV: usize = 8;
+/// int8 conv: more dirty (channel, row) pairs than this percentage: dense.
+const ROWS_PCT: usize = 60;
 /// More changed parameter elements than this in one node: recompute it whole.
 const MAX_SPARSE_PARAM_ELEMS: usize = 64;
 
@@ -87,6 +93,8 @@ pub struct Engine {
     rows: Vec<bool>,
     chans: Vec<usize>,
     orows: Vec<bool>,
+    /// Channel-last accumulator deltas `[pixel][cout]` of the int8 scatter.
+    delta: Vec<i32>,
 }
 
 fn fast_hash(b: &[u8]) -> u64 {
@@ -128,6 +136,7 @@ impl Engine {
             rows: Vec::new(),
             chans: Vec::new(),
             orows: Vec::new(),
+            delta: Vec::new(),
         }
     }
 
@@ -195,7 +204,7 @@ impl Engine {
                 }
                 // Inputs that differ almost everywhere: no element lists to follow.
                 (None, true) if n.inputs.iter().any(|&u| self.all[u]) => {
-                    self.dense(m, i, &m.pristine_params[i], &mut entry)
+                    self.dense_pristine(m, i, &mut entry)
                 }
                 (None, true) => self.input_change(m, i, &mut entry),
                 (Some(ch), true) => {
@@ -390,6 +399,11 @@ impl Engine {
             _ => {}
         }
         d.truncate(n);
+        if n * 2 > e.cur[v].len() {
+            self.all[v] = true;
+            d.clear();
+            return;
+        }
         if !d.is_sorted() {
             d.sort_unstable();
         }
@@ -576,12 +590,12 @@ impl Engine {
                 | Kind::MaxPool
         ) && self.dirty[u].len() * 3 > e.cur[u].len()
         {
-            return self.dense(m, i, p, e);
+            return self.dense_pristine(m, i, e);
         }
         if n.kind == Kind::Concat
             && n.inputs.iter().map(|&u| self.dirty[u].len()).sum::<usize>() * 3 > n.out_len()
         {
-            return self.dense(m, i, p, e);
+            return self.dense_pristine(m, i, e);
         }
         self.cand.clear();
         match n.kind {
@@ -654,53 +668,83 @@ impl Engine {
             Kind::Conv { k, pad } => {
                 let nd = self.dirty[u].len();
                 if m.precision == Precision::Int8 {
-                    // Pixel scatter costs ~nd·k² scalar MACs per output channel; the
-                    // row-delta kernel k²·w vectorised ones per dirty (channel, row).
+                    // Per output channel: the row delta costs k²·w vectorised MACs per
+                    // dirty (channel, row), the channel-last scatter k² per dirty element
+                    // and tap (vectorised over output channels, but with more overhead).
                     let nrows = self.mark_rows(u, ci, h, w);
-                    if nd * 16 > nrows * w {
+                    if nd * SCATTER_DIV > nrows * w {
                         return self.conv_i8_rows(m, i, e, nrows);
                     }
                     self.stats.nodes_partial += 1;
-                    let Params::ConvI8 { w: wt, rq, .. } = p else {
+                    let Params::ConvI8 { rq, .. } = p else {
                         return;
                     };
-                    let acc = &mut e.cur_acc[i];
-                    let (xc, xg) = (e.cur[u].i8(), e.gold[u].i8());
+                    let wt_t = &m.pristine_wt[i];
+                    let co8 = co.div_ceil(8) * 8;
                     let s = self.next_stamp();
+                    // All zero between uses: every entry touched below is reset.
+                    let delta = &mut self.delta;
+                    if delta.len() < co8 * ohw {
+                        delta.resize(co8 * ohw, 0);
+                    }
+                    let (xc, xg) = (e.cur[u].i8(), e.gold[u].i8());
                     self.pix.clear();
-                    let kk = k * k;
-                    for &el in &self.dirty[u] {
-                        let el = el as usize;
-                        let (c, r) = dhw.divmod(el);
-                        let (y, x) = dw.divmod(r);
-                        let d = xc[el] as i32 - xg[el] as i32;
-                        for ky in 0..k {
-                            // Output row oy reads input row oy + ky - pad = y.
-                            let oy = (y + pad).wrapping_sub(ky);
-                            if oy >= h {
-                                continue;
-                            }
-                            for kx in 0..k {
-                                let ox = (x + pad).wrapping_sub(kx);
-                                if ox >= w {
+                    let dl = &self.dirty[u];
+                    let mut idx = 0;
+                    while idx < dl.len() {
+                        // The list is sorted: walk it row by row, one division per row.
+                        let r = dl[idx] as usize / w;
+                        let (c, y) = (r / h, r % h);
+                        let end = ((r + 1) * w) as u32;
+                        let cnt = dl[idx..].partition_point(|&el| el < end);
+                        for &el in &dl[idx..idx + cnt] {
+                            let el = el as usize;
+                            let x = el - r * w;
+                            let d = xc[el] as i16 - xg[el] as i16;
+                            for ky in 0..k {
+                                // Output row oy reads input row oy + ky - pad = y.
+                                let oy = (y + pad).wrapping_sub(ky);
+                                if oy >= h {
                                     continue;
                                 }
-                                let q = oy * w + ox;
-                                if self.marks[q] != s {
-                                    self.marks[q] = s;
-                                    self.pix.push(q as u32);
-                                }
-                                let mut wi = (c * k + ky) * k + kx;
-                                let mut ai = q;
-                                for _ in 0..co {
-                                    acc[ai] = acc[ai].wrapping_add(wt[wi] as i32 * d);
-                                    wi += ci * kk;
-                                    ai += ohw;
+                                for kx in 0..k {
+                                    let ox = (x + pad).wrapping_sub(kx);
+                                    if ox >= w {
+                                        continue;
+                                    }
+                                    let q = oy * w + ox;
+                                    if self.marks[q] != s {
+                                        self.marks[q] = s;
+                                        self.pix.push(q as u32);
+                                    }
+                                    let wrow = &wt_t[((c * k + ky) * k + kx) * co8..][..co8];
+                                    let arow = &mut delta[q * co8..][..co8];
+                                    for (a8, w8) in
+                                        arow.chunks_exact_mut(8).zip(wrow.chunks_exact(8))
+                                    {
+                                        for (a, &wv) in a8.iter_mut().zip(w8) {
+                                            *a = a.wrapping_add(wv.wrapping_mul(d) as i32);
+                                        }
+                                    }
                                 }
                             }
                         }
+                        idx += cnt;
                     }
-                    self.requant_pixels(n, rq, i, v, e);
+                    // Pixels ascending, channel-major candidates: the dirty list stays sorted.
+                    self.pix.sort_unstable();
+                    let gacc = &e.gold_acc[i];
+                    let out = e.cur[v].i8_mut();
+                    for (o, r) in rq.iter().enumerate() {
+                        for &q in &self.pix {
+                            let (q, kk) = (q as usize, o * ohw + q as usize);
+                            let a = &mut delta[q * co8 + o];
+                            out[kk] =
+                                r.to_i8(gacc[kk].wrapping_add(*a), n.zp_out, n.act_min, n.act_max);
+                            *a = 0;
+                            self.cand.push(kk as u32);
+                        }
+                    }
                 } else {
                     if nd * 16 > hw {
                         return self.conv_f32_rows(m, i, e);
@@ -756,7 +800,7 @@ impl Engine {
                 let nd = self.dirty[u].len();
                 if m.precision == Precision::Int8 {
                     if nd * 8 > ci * hw {
-                        return self.dense(m, i, p, e);
+                        return self.dense_pristine(m, i, e);
                     }
                     self.stats.nodes_partial += 1;
                     let Params::ConvI8 { w: wt, rq, .. } = p else {
@@ -790,7 +834,7 @@ impl Engine {
                     self.requant_pixels(n, rq, i, v, e);
                 } else {
                     if nd * 4 > hw {
-                        return self.dense(m, i, p, e);
+                        return self.dense_pristine(m, i, e);
                     }
                     let s = self.next_stamp();
                     self.pix.clear();
@@ -802,7 +846,7 @@ impl Engine {
                         }
                     }
                     if self.pix.len() * 4 > hw {
-                        return self.dense(m, i, p, e);
+                        return self.dense_pristine(m, i, e);
                     }
                     self.stats.nodes_partial += 1;
                     let Params::ConvF32 { w: wt, b } = p else {
@@ -876,8 +920,8 @@ impl Engine {
         let p = &m.pristine_params[i];
         // The delta costs per dirty (channel, row) what dense costs per row, plus the
         // delta build and list upkeep.
-        if nrows * 10 >= ci * h * 6 {
-            return self.dense(m, i, p, e);
+        if nrows * 100 >= ci * h * ROWS_PCT {
+            return self.dense_pristine(m, i, e);
         }
         let Params::ConvI8 { w: wt, rq, .. } = p else {
             return;
@@ -962,16 +1006,14 @@ impl Engine {
         for (o, r) in rq.iter().enumerate() {
             for y in (0..h).filter(|&y| self.orows[y]) {
                 let range = o * hw + y * w..o * hw + (y + 1) * w;
-                super::int8::requant_plane(
-                    &acc[range.clone()],
-                    *r,
-                    n.zp_out,
-                    n.act_min,
-                    n.act_max,
-                    &mut out[range.clone()],
-                );
-                acc[range.clone()].copy_from_slice(&gacc[range.clone()]);
-                self.cand.extend(range.start as u32..range.end as u32);
+                // Only accumulators that moved can change the output.
+                for kk in range.clone() {
+                    if acc[kk] != gacc[kk] {
+                        out[kk] = r.to_i8(acc[kk], n.zp_out, n.act_min, n.act_max);
+                        self.cand.push(kk as u32);
+                    }
+                }
+                acc[range.clone()].copy_from_slice(&gacc[range]);
             }
         }
         self.settle(v, e);
@@ -1006,7 +1048,7 @@ impl Engine {
         let ck = n.ckpts.iter().rposition(|&c| c <= cmin);
         let all_rows = self.orows.iter().all(|&r| r);
         if ck.is_none() && all_rows {
-            return self.dense(m, i, p, e);
+            return self.dense_pristine(m, i, e);
         }
         let Params::ConvF32 { w: wt, b } = p else {
             return;
@@ -1035,6 +1077,62 @@ impl Engine {
                 self.cand.extend(range.start as u32..range.end as u32);
             }
         }
+        self.settle(v, e);
+    }
+
+    /// Dense recomputation of node `i` with pristine parameters. For int8 convs only the
+    /// accumulators that moved are requantised (the others give golden outputs, which
+    /// the working copy already holds).
+    fn dense_pristine(&mut self, m: &Model, i: usize, e: &mut Entry) {
+        let n = &m.nodes[i];
+        let (Precision::Int8, Params::ConvI8 { w: wt, b, rq }) =
+            (m.precision, &m.pristine_params[i])
+        else {
+            return self.dense(m, i, &m.pristine_params[i], e);
+        };
+        self.stats.nodes_dense += 1;
+        let v = i + 1;
+        let [co, oh, ow] = n.out;
+        let ohw = oh * ow;
+        let [ci, h, w] = n.in_shapes[0];
+        let x = e.cur[n.inputs[0]].i8();
+        let acc = &mut self.scratch.acc;
+        acc.resize(co * ohw, 0);
+        match n.kind {
+            Kind::Conv { k, pad } => {
+                super::int8::pad_input(x, n.zp_in[0], ci, h, w, pad, &mut self.scratch.pad_i);
+                let g = super::int8::ConvGeom {
+                    cin: ci,
+                    cout: co,
+                    h,
+                    w,
+                    k,
+                    pad,
+                };
+                super::int8::conv_acc(g, &self.scratch.pad_i, wt, b, 0..co, acc);
+            }
+            _ => {
+                super::int8::pad_input(x, n.zp_in[0], ci, h, w, 0, &mut self.scratch.pad_i);
+                super::int8::convt_acc(ci, co, h, w, &self.scratch.pad_i, wt, b, 0..co, acc);
+            }
+        }
+        let gacc = &e.gold_acc[i];
+        let out = e.cur[v].i8_mut();
+        self.cand.clear();
+        self.cand.resize(co * ohw + 1, 0);
+        let mut nc = 0;
+        for (o, r) in rq.iter().enumerate() {
+            let start = nc;
+            let (a, g) = (&acc[o * ohw..][..ohw], &gacc[o * ohw..][..ohw]);
+            for (q, (x, y)) in a.iter().zip(g).enumerate() {
+                self.cand[nc] = (o * ohw + q) as u32;
+                nc += usize::from(x != y);
+            }
+            for &kk in &self.cand[start..nc] {
+                out[kk as usize] = r.to_i8(acc[kk as usize], n.zp_out, n.act_min, n.act_max);
+            }
+        }
+        self.cand.truncate(nc);
         self.settle(v, e);
     }
 

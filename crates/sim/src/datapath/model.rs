@@ -120,6 +120,10 @@ pub struct Model {
     pub(crate) input_shape: [usize; 3],
     pub(crate) pristine: Vec<u8>,
     pub(crate) pristine_params: Vec<Params>,
+    /// int8 conv weights of the pristine blob transposed to `[cin][k][k][cout8]` (cout
+    /// padded to a multiple of 8 with zeros), for the
+    /// channel-last delta scatter (empty for other nodes).
+    pub(crate) pristine_wt: Vec<Vec<i16>>,
     /// For each manifest tensor, the nodes that read it.
     pub(crate) tensor_users: Vec<Vec<usize>>,
 }
@@ -173,10 +177,33 @@ impl Model {
             input_shape,
             pristine: Vec::new(),
             pristine_params: Vec::new(),
+            pristine_wt: Vec::new(),
             tensor_users,
         };
         model.pristine_params = (0..model.nodes.len())
             .map(|i| model.decode(i, &params))
+            .collect();
+        model.pristine_wt = model
+            .nodes
+            .iter()
+            .zip(&model.pristine_params)
+            .map(|(n, p)| match (n.kind, p) {
+                (Kind::Conv { k, .. }, Params::ConvI8 { w, .. }) => {
+                    // Rows padded to a multiple of 8 channels: whole SIMD vectors.
+                    let [co, ci] = [n.out[0], n.in_shapes[0][0]];
+                    let co8 = co.div_ceil(8) * 8;
+                    let mut t = vec![0i16; ci * k * k * co8];
+                    for o in 0..co {
+                        for c in 0..ci {
+                            for kk in 0..k * k {
+                                t[(c * k * k + kk) * co8 + o] = w[(o * ci + c) * k * k + kk];
+                            }
+                        }
+                    }
+                    t
+                }
+                _ => Vec::new(),
+            })
             .collect();
         model.pristine = params;
         Ok(model)
