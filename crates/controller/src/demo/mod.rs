@@ -337,11 +337,17 @@ async fn watch(
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let counts = mp.add(ProgressBar::new_spinner());
-    let boards: Vec<ProgressBar> = ids
-        .iter()
-        .map(|_| mp.add(ProgressBar::new_spinner()))
-        .collect();
+    // Plain text lines under the bar: outcome counts, then one line per board.
+    let line = || {
+        let pb = ProgressBar::new_spinner();
+        pb.set_style(
+            ProgressStyle::with_template("  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        pb
+    };
+    let counts = mp.add(line());
+    let boards: Vec<ProgressBar> = ids.iter().map(|_| mp.add(line())).collect();
     let t0 = Instant::now();
     let mut last_line = Instant::now() - Duration::from_secs(60);
     let mut interrupt = std::pin::pin!(tokio::signal::ctrl_c());
