@@ -143,6 +143,11 @@ impl Shared {
             .map(|s| s.0)
     }
 
+    /// PL power domain state (`xmutil pwrctl`), from the sequencer on the bus.
+    pub fn pl_on(&self) -> bool {
+        self.buses.values().all(|b| lock(b).pl_on())
+    }
+
     pub fn ambient(&self) -> f64 {
         *lock(&self.ambient_c)
     }

@@ -804,3 +804,68 @@ fn in_process_board_boots_and_obeys_the_power_switch() {
     assert!(h.power_command("dance").starts_with("err unknown command"));
     h.stop();
 }
+
+#[test]
+fn pl_power_cycle_clears_a_hang_and_a_write_to_a_dead_pl_panics() {
+    let b = Board::start(17, &[]);
+    let (vhang, vcrash) = (b.physics("vhang_mv"), b.physics("vcrash_mv"));
+    let input = input_bytes(INT8, 0);
+    let code = (vcrash / 10.0).ceil() as u8;
+    assert!(f64::from(code) * 10.0 < vhang);
+    b.set_vccint(code);
+    assert!(
+        b.infer(INT8, &input, HANG_WAIT).is_none(),
+        "no hang at {code}0 mV"
+    );
+    b.set_vccint(85);
+    assert!(
+        b.infer(INT8, &input, HANG_WAIT).is_none(),
+        "a hang lasts until the PL is reset"
+    );
+    // xmutil pwrctl --off / --status / --on
+    const SEQ: u8 = 0x68;
+    assert_eq!(
+        b.smbus(&Request::write_byte_data(SEQ, 0x08, 0x00)).status,
+        Status::Ok
+    );
+    let mut s = b.i2c().unwrap();
+    assert_eq!(
+        transact(&mut s, &Request::send_byte(SEQ, 0xF5))
+            .unwrap()
+            .status,
+        Status::Ok
+    );
+    assert_eq!(
+        transact(&mut s, &Request::receive_byte(SEQ))
+            .unwrap()
+            .byte(),
+        Some(0x04)
+    );
+    assert_eq!(
+        b.smbus(&Request::write_byte_data(SEQ, 0x08, 0x3E)).status,
+        Status::Ok
+    );
+    assert_eq!(
+        b.smbus(&Request::read_byte_data(SEQ, 0xF5)).byte(),
+        Some(0x9A)
+    );
+    let t0 = Instant::now();
+    while b.mem.load32(REG_ID).unwrap() != 0x4B56_3236 || b.mem.load32(CTRL).unwrap() & 0x4 == 0 {
+        assert!(t0.elapsed() < LONG, "accelerator not back after PL on");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(b.infer(INT8, &input, LONG).unwrap(), ref_logits(INT8, 0));
+    // Touching the PL while it is off: SError, kernel panic.
+    b.smbus(&Request::write_byte_data(SEQ, 0x08, 0x00));
+    let t0 = Instant::now();
+    while b.mem.load32(REG_ID).unwrap() != 0 {
+        assert!(
+            t0.elapsed() < LONG,
+            "control block still there with the PL off"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mark = b.console_len();
+    b.mem.store32(CTRL, 1).unwrap();
+    b.wait_console("SError Interrupt", mark);
+}

@@ -125,6 +125,7 @@ struct Accel {
     run: Option<Run>,
     last_activity: Option<Instant>,
     last_scan: Instant,
+    pl_was_on: bool,
 }
 
 pub fn run(sh: Arc<Shared>) {
@@ -149,6 +150,7 @@ pub fn run(sh: Arc<Shared>) {
         run: None,
         last_activity: None,
         last_scan: Instant::now(),
+        pl_was_on: true,
     };
     a.main_loop();
 }
@@ -170,6 +172,19 @@ impl Accel {
                 // Fresh boot: registers were re-initialised by finish_boot.
                 seen_epoch = epoch;
                 self.run = None;
+                self.status = CTRL_IDLE;
+                self.cycles_shown = 0;
+                self.error_shown = 0;
+            }
+            if !self.sh.pl_on() {
+                self.pl_off();
+                continue;
+            }
+            if !self.pl_was_on {
+                // PL back on: the kernel comes up reset and idle (bitstream reload is
+                // not modelled); DDR keeps its contents.
+                self.pl_was_on = true;
+                init_registers(&self.sh);
                 self.status = CTRL_IDLE;
                 self.cycles_shown = 0;
                 self.error_shown = 0;
@@ -213,6 +228,31 @@ impl Accel {
             }
             std::thread::sleep(sleep);
         }
+    }
+
+    /// PL powered down: the control block is gone (any hang with it). Reads of the window
+    /// give zeros here; a *write* to it reaches an AXI slave that does not answer, which
+    /// on a ZynqMP ends in an asynchronous SError: kernel panic.
+    fn pl_off(&mut self) {
+        let r = &self.r;
+        if self.pl_was_on {
+            self.pl_was_on = false;
+            self.run = None;
+            let _ = self.sh.mem.zero(r.base, r.len);
+            let mut a = lock(&self.sh.activity);
+            if let Some(s) = a.busy_since.take() {
+                a.busy_total += Instant::now().saturating_duration_since(s);
+            }
+            tracing::info!("PL powered off");
+        } else if (r.base..r.base + r.len)
+            .step_by(4)
+            .any(|a| self.sh.mem.load32(a).is_ok_and(|v| v != 0))
+        {
+            self.sh
+                .crash("write to the PL while it is powered off", true);
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(self.sh.p.idle_poll_us.max(50)));
     }
 
     fn show_cycles(&mut self, c: u64) {

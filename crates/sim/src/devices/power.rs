@@ -11,7 +11,7 @@
 //!
 //! Anything else: `err <why>`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -51,10 +51,11 @@ fn serve(sh: Arc<Shared>, s: UnixStream) {
     let mut line = String::new();
     loop {
         line.clear();
-        match r.read_line(&mut line) {
+        // Bounded read: a client that never sends a newline cannot make us buffer forever.
+        match (&mut r).take(257).read_line(&mut line) {
             Ok(0) | Err(_) => return,
             Ok(n) if n > 256 => {
-                let _ = w.write_all(b"err line too long\n");
+                let _ = w.write_all(b"err line too long (max 256 bytes)\n");
                 return;
             }
             Ok(_) => {}

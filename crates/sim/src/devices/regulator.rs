@@ -490,6 +490,57 @@ pub enum Device {
     Da913x(Box<Da913x>),
     Pmbus(Pmbus),
     Ina260(Ina260),
+    PlSequencer(PlSequencer),
+}
+
+// ---------------------------------------------------------------------------------
+// PL power-domain sequencer (SLG7X644092, U169) as `xmutil pwrctl` drives it
+
+pub const PL_SEQUENCER_ADDR: u8 = 0x68;
+
+/// `xmutil pwrctl`: write [0x08, 0x00] = PL off, [0x08, 0x3E] = PL on; status: select
+/// register 0xF5 and read one byte, 0x9A = on, 0x04 = off. Other registers: 0.
+#[derive(Debug, Clone)]
+pub struct PlSequencer {
+    pub pl_on: bool,
+    pointer: u8,
+}
+
+impl PlSequencer {
+    fn new() -> PlSequencer {
+        PlSequencer {
+            pl_on: true,
+            pointer: 0,
+        }
+    }
+    fn read(&self, reg: u8) -> u8 {
+        match reg {
+            0xF5 if self.pl_on => 0x9A,
+            0xF5 => 0x04,
+            0x08 if self.pl_on => 0x3E,
+            _ => 0,
+        }
+    }
+    fn transact(&mut self, req: &Request) -> Response {
+        match req.op {
+            Op::WriteByteData if req.cmd == 0x08 => {
+                match req.data[0] {
+                    0x00 => self.pl_on = false,
+                    0x3E => self.pl_on = true,
+                    _ => {}
+                }
+                Response::ok(vec![])
+            }
+            Op::WriteByteData => Response::ok(vec![]),
+            Op::SendByte => {
+                self.pointer = req.cmd;
+                Response::ok(vec![])
+            }
+            Op::ReceiveByte => Response::ok(vec![self.read(self.pointer)]),
+            Op::ReadByteData => Response::ok(vec![self.read(req.cmd)]),
+            _ => Response::err(Status::DataNack),
+        }
+    }
 }
 
 /// Where a rail's output lives on a bus.
@@ -515,7 +566,8 @@ pub fn da_channel(register: u8) -> Option<usize> {
 }
 
 impl Bus {
-    /// Build the devices of the rails on one bus. The INA260 sits at 0x40 when `with_ina260`.
+    /// Build the devices of the rails on one bus. The INA260 (0x40) and the PL sequencer
+    /// (0x68) sit on it when `with_ina260` (the SOM's I2C1).
     pub fn from_rails(rails: &[&Rail], slew: f64, with_ina260: bool) -> Result<Bus, String> {
         let mut devices = BTreeMap::new();
         let mut da_nominal: BTreeMap<u8, [Option<f64>; 2]> = BTreeMap::new();
@@ -554,8 +606,19 @@ impl Bus {
             devices
                 .entry(0x40)
                 .or_insert_with(|| Device::Ina260(Ina260::new()));
+            devices
+                .entry(PL_SEQUENCER_ADDR)
+                .or_insert_with(|| Device::PlSequencer(PlSequencer::new()));
         }
         Ok(Bus { devices })
+    }
+
+    /// Whether the PL power domain is on (always, on a bus without the sequencer).
+    pub fn pl_on(&self) -> bool {
+        !self
+            .devices
+            .values()
+            .any(|d| matches!(d, Device::PlSequencer(p) if !p.pl_on))
     }
 
     pub fn rail_ref(rail: &Rail) -> RailRef {
@@ -576,6 +639,7 @@ impl Bus {
                 Device::Da913x(x) => x.reset(),
                 Device::Pmbus(x) => x.reset(),
                 Device::Ina260(x) => *x = Ina260::new(),
+                Device::PlSequencer(x) => *x = PlSequencer::new(),
             }
         }
     }
@@ -589,7 +653,7 @@ impl Bus {
                 d.is_enabled(r.channel),
             )),
             Device::Pmbus(p) => Some((p.output_mv(now), p.out.target(), p.operation & 0x80 != 0)),
-            Device::Ina260(_) => None,
+            Device::Ina260(_) | Device::PlSequencer(_) => None,
         }
     }
 
@@ -616,6 +680,7 @@ impl Bus {
             Device::Da913x(d) => d.transact(req, now),
             Device::Pmbus(p) => p.transact(req, now, s),
             Device::Ina260(i) => i.transact(req, s),
+            Device::PlSequencer(p) => p.transact(req),
         }
     }
 }
