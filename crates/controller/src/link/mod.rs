@@ -316,6 +316,25 @@ async fn session(shared: Arc<Shared>, mut ws: WebSocket) {
             AgentMsg::Telemetry(t) => on_telemetry(&shared, &board, t),
             AgentMsg::JobState(js) => {
                 tracing::info!(board, job = js.job_id, state = ?js.state, detail = ?js.detail, "job state");
+                // An agent clears a finished job only once an ack covers its last
+                // record; those may all be acked already, so repeat the ack.
+                if matches!(
+                    js.state,
+                    proto::wire::JobPhase::Finished
+                        | proto::wire::JobPhase::Cancelled
+                        | proto::wire::JobPhase::Failed
+                        | proto::wire::JobPhase::Suspect
+                ) {
+                    let upto = shared
+                        .lab()
+                        .boards
+                        .get(&board)
+                        .map(|b| b.committed_upto)
+                        .unwrap_or(0);
+                    if upto > 0 {
+                        let _ = tx.send(ControllerMsg::Ack { upto });
+                    }
+                }
                 shared.on_job_state(&board, &js);
             }
             AgentMsg::Hello(_) => {

@@ -28,9 +28,39 @@ pub fn match_signature(line: &str) -> Option<&'static str> {
 #[derive(Clone, Default)]
 pub struct Consoles {
     tails: Arc<Mutex<HashMap<String, VecDeque<String>>>>,
+    /// Last time a login prompt was seen: the OS finished booting.
+    prompts: Arc<Mutex<HashMap<String, u64>>>,
+    /// Crash-signature lines seen so far, per board.
+    crashes: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 impl Consoles {
+    pub fn has(&self, board: &str) -> bool {
+        self.tails
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(board)
+    }
+
+    /// How many crash-signature lines the board printed so far.
+    pub fn crash_count(&self, board: &str) -> u64 {
+        self.crashes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(board)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// When the board last showed a login prompt (unix ms), if ever.
+    pub fn prompt_seen(&self, board: &str) -> Option<u64> {
+        self.prompts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(board)
+            .copied()
+    }
+
     pub fn tail(&self, board: &str) -> Vec<String> {
         self.tails
             .lock()
@@ -67,6 +97,7 @@ impl Consoles {
                 let _ = std::fs::create_dir_all(&log_dir);
                 let log_path = log_dir.join(format!("{board}.log"));
                 let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).ok();
+                me.tails.lock().unwrap_or_else(|p| p.into_inner()).entry(board.clone()).or_default();
                 let mut partial = Vec::<u8>::new();
                 let mut warned = false;
                 loop {
@@ -99,11 +130,23 @@ impl Consoles {
                                 while let Some(pos) = partial.iter().position(|b| *b == b'\n') {
                                     let line: Vec<u8> = partial.drain(..=pos).collect();
                                     let line = String::from_utf8_lossy(&line).trim_end().to_string();
+                                    me.push(&board, line.clone());
                                     if let Some(sig) = match_signature(&line) {
                                         tracing::warn!(board, signature = sig, %line, "crash signature on console");
+                                        *me.crashes
+                                            .lock()
+                                            .unwrap_or_else(|p| p.into_inner())
+                                            .entry(board.clone())
+                                            .or_default() += 1;
                                         on_crash(sig, line.clone());
                                     }
-                                    me.push(&board, line);
+                                }
+                                // A login prompt has no newline after it.
+                                if partial.windows(6).any(|w| w == b"login:") {
+                                    me.prompts
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .insert(board.clone(), crate::store::now_ms());
                                 }
                                 if partial.len() > 64 * 1024 {
                                     partial.clear(); // a console without newlines: keep memory bounded

@@ -95,19 +95,71 @@ async fn settle_and_check(shared: &Arc<Shared>, board: &str) -> bool {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    shared.health_check(board).await
+    // A board that just booted may need a moment before its accelerator answers.
+    for attempt in 0..3 {
+        if shared.health_check(board).await {
+            return true;
+        }
+        if attempt < 2 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    false
+}
+
+async fn unless_crashed(
+    shared: &Shared,
+    board: &str,
+    crashes: u64,
+    f: impl std::future::Future<Output = bool>,
+) -> bool {
+    let watch = async {
+        loop {
+            if shared.consoles.crash_count(board) != crashes {
+                tracing::warn!(board, "crashed again during recovery");
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        r = f => r,
+        r = watch => r,
+    }
+}
+
+/// After power-on: wait for the OS to reach its login prompt when there is a console
+/// (bootloader-aware: never poke a board that is still in U-Boot), then for the agent.
+async fn wait_booted(shared: &Shared, board: &str, on_ms: u64, ms: u64) -> bool {
+    let deadline = on_ms + ms;
+    if shared.consoles.has(board) {
+        loop {
+            if shared
+                .consoles
+                .prompt_seen(board)
+                .is_some_and(|t| t >= on_ms)
+            {
+                break;
+            }
+            if now_ms() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    wait_online(shared, board, deadline.saturating_sub(now_ms()), None).await
 }
 
 async fn escalate(shared: Arc<Shared>, board: String, cause: String, fail_fast: bool) {
     let t = &shared.cfg.timing;
     let m = shared.metrics.clone();
     let held = shared.hold_in_flight(&board);
-    let session_at_start = {
-        let lab = shared.lab();
-        lab.boards
-            .get(&board)
-            .and_then(|b| b.session.as_ref().map(|s| s.id))
-    };
+    // What the console said around the failure (the panic block follows its first
+    // line within milliseconds); the bundle also gets the tail after recovery.
+    if fail_fast {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let console_at_incident = shared.consoles.tail(&board);
     let trials: Vec<(u64, u64)> = held.iter().map(|(c, _, t, _)| (*c, *t)).collect();
     let incident = shared
         .store
@@ -142,19 +194,21 @@ async fn escalate(shared: Arc<Shared>, board: String, cause: String, fail_fast: 
                 let cycle = async {
                     power::act(p, &board, "off").await?;
                     tokio::time::sleep(Duration::from_millis(power::min_off_ms(p))).await;
-                    power::act(p, &board, "on").await
+                    power::act(p, &board, "on").await.map(|_| now_ms())
                 }
                 .await;
                 match cycle {
-                    Ok(_) => {
+                    Ok(on_ms) => {
                         power_cycled = true;
                         m.recoveries.with_label_values(&["power_cycle", "ok"]).inc();
-                        // A new session proves the board rebooted; with an agent that
-                        // outlives the board (emulator), the old session may persist.
-                        let online = wait_online(&shared, &board, t.boot_wait_ms, session_at_start)
-                            .await
-                            || wait_online(&shared, &board, 0, None).await;
-                        ok = online && settle_and_check(&shared, &board).await;
+                        // A crash printed while we wait (e.g. the agent resumed an
+                        // undervolted trial) ends this attempt at once.
+                        let crashes = shared.consoles.crash_count(&board);
+                        ok = unless_crashed(&shared, &board, crashes, async {
+                            wait_booted(&shared, &board, on_ms, t.boot_wait_ms).await
+                                && settle_and_check(&shared, &board).await
+                        })
+                        .await;
                     }
                     Err(e) => {
                         tracing::error!(board, error = %e, "power control failed");
@@ -183,11 +237,14 @@ async fn escalate(shared: Arc<Shared>, board: String, cause: String, fail_fast: 
         }
     }
 
-    // The trial in flight when the board died is a crash outcome (unless its own
-    // records turned up in the spool, or the agent reported the crash itself).
+    // The trial in flight when a board died is a crash outcome. A board that comes
+    // back reports it itself (its agent sees the new boot id) and re-sends its spool,
+    // so the controller only writes it for a board that never came back; otherwise
+    // the held trial, if still open, simply goes back to the queue.
+    let _ = power_cycled;
     if let Some((campaign, job, trial, attempt)) = held
         && !shared.trial_is_final(campaign, trial)
-        && (power_cycled || fail_fast || !ok)
+        && !ok
     {
         let inputs = shared.run_inputs(campaign);
         let recs: Vec<Record> = inputs
@@ -209,7 +266,16 @@ async fn escalate(shared: Arc<Shared>, board: String, cause: String, fail_fast: 
         }
     }
 
-    let bundle = write_bundle(&shared, &board, incident, &cause, &actions, &trials, ok);
+    let bundle = write_bundle(
+        &shared,
+        &board,
+        incident,
+        &cause,
+        &actions,
+        &trials,
+        ok,
+        &console_at_incident,
+    );
     let (health, reason) = if ok {
         (Health::Good, None)
     } else {
@@ -280,6 +346,7 @@ fn crash_record(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn write_bundle(
     shared: &Shared,
     board: &str,
@@ -288,6 +355,7 @@ fn write_bundle(
     actions: &[String],
     trials: &[(u64, u64)],
     ok: bool,
+    at_incident: &[String],
 ) -> Option<String> {
     let id = incident?;
     let dir = shared
@@ -298,6 +366,7 @@ fn write_bundle(
     std::fs::create_dir_all(&dir).ok()?;
     let tail = shared.consoles.tail(board).join("\n");
     let _ = std::fs::write(dir.join("console_tail.txt"), tail);
+    let _ = std::fs::write(dir.join("console_at_incident.txt"), at_incident.join("\n"));
     let telemetry = shared
         .lab()
         .boards

@@ -944,7 +944,21 @@ impl Shared {
             if let Some(rx) = me.cancel_wait(&board) {
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(60), rx).await;
             }
-            let ok = me.health_check(&board).await;
+            // A board that is still booting fails its first checks (accelerator not up
+            // yet): retry with a short backoff before calling it unhealthy.
+            let mut ok = false;
+            for attempt in 0..5u64 {
+                ok = me.health_check(&board).await;
+                let online = me
+                    .lab()
+                    .boards
+                    .get(&board)
+                    .is_some_and(|b| b.session.is_some());
+                if ok || !online {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500 * (attempt + 1))).await;
+            }
             let (health, reason) = if ok {
                 (Health::Good, None)
             } else {
@@ -1036,14 +1050,28 @@ impl Shared {
             );
             rx
         };
-        matches!(
-            tokio::time::timeout(
-                std::time::Duration::from_millis(self.cfg.timing.boot_wait_ms.max(10_000)),
-                rx
-            )
-            .await,
-            Ok(Ok(true))
+        let r = tokio::time::timeout(
+            std::time::Duration::from_millis(self.cfg.timing.boot_wait_ms.max(10_000)),
+            rx,
         )
+        .await;
+        if r.is_err() {
+            // Do not leave the agent busy with a check nobody waits for.
+            let mut lab = self.lab();
+            let stale: Vec<u64> = lab
+                .health_jobs
+                .iter()
+                .filter(|(_, h)| h.board == board)
+                .map(|(j, _)| *j)
+                .collect();
+            for j in stale {
+                lab.health_jobs.remove(&j);
+                if let Some(b) = lab.boards.get(board) {
+                    b.send(ControllerMsg::Cancel { job_id: j });
+                }
+            }
+        }
+        matches!(r, Ok(Ok(true)))
     }
 
     /// Periodic work: stalled leases, time limits, gauges.

@@ -138,7 +138,7 @@ pub fn outcome_for(t: &TrialSpec, input: u32) -> Outcome {
         Outcome::NonFinite
     } else if bit == 7 && input == 1 {
         Outcome::SdcCritical
-    } else if bit == 6 && (el + input as u64) % 2 == 0 {
+    } else if bit == 6 && (el + input as u64).is_multiple_of(2) {
         Outcome::SdcTolerable
     } else {
         Outcome::Masked
