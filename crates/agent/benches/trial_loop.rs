@@ -28,6 +28,9 @@ fn median(v: &mut [f64]) -> f64 {
 
 struct Raw {
     hls: Hls,
+    params: Arc<MmioWindow>,
+    /// Offset of `enc0.conv0.weight` in the params region (model slot + tensor offset).
+    weight_off: u64,
     input: Arc<MmioWindow>,
     output: Arc<MmioWindow>,
     bytes: Vec<u8>,
@@ -57,6 +60,10 @@ impl Raw {
             .map(|v| v as u8)
             .collect();
         let (input, output) = (map(&a.input_region), map(&a.output_region));
+        let params = map(&a.params_region);
+        let slot =
+            file.model_params_addr(id).unwrap() - file.region(&a.params_region).unwrap().base;
+        let weight_off = slot + m.tensor("enc0.conv0.weight").unwrap().offset as u64;
         hls.configure(
             file.region(&a.input_region).unwrap().base,
             file.region(&a.output_region).unwrap().base,
@@ -66,6 +73,8 @@ impl Raw {
         .unwrap();
         Raw {
             hls,
+            params,
+            weight_off,
             input,
             output,
             bytes,
@@ -73,13 +82,22 @@ impl Raw {
         }
     }
 
+    /// The same accelerator workload as the agent's trials (the same bit flipped in
+    /// the same weight, so the emulator recomputes the same layers), with none of the
+    /// agent's work: poke, run, read, unpoke.
     fn run(&mut self, n: usize) -> f64 {
         let t0 = Instant::now();
-        for _ in 0..n {
+        for i in 0..n as u64 {
+            let byte = self.weight_off + (i * 37) % 200;
+            let word = byte & !3;
+            let mask = 1u32 << ((byte % 4) * 8 + i % 8);
+            let orig = self.params.read32(word).unwrap();
+            self.params.write32(word, orig ^ mask).unwrap();
             self.input.write_bytes(0, &self.bytes).unwrap();
             let r = self.hls.run(Duration::from_secs(5)).unwrap();
             assert!(matches!(r, RunResult::Done { .. }), "raw loop: {r:?}");
             self.output.read_bytes(0, &mut self.out).unwrap();
+            self.params.write32(word, orig).unwrap();
         }
         n as f64 / t0.elapsed().as_secs_f64()
     }
@@ -113,7 +131,9 @@ fn main() {
     raw.run(50); // warm the emulator's hot poll and the page cache
 
     let agent_round = |job_id: u64| -> f64 {
-        ctl.set_job(job(job_id, MODEL, vec![0]), flip_trials(n as u64, vec![]));
+        let mut spec = job(job_id, MODEL, vec![0]);
+        spec.campaign_id = job_id; // distinct record keys per round
+        ctl.set_job(spec, flip_trials(n as u64, vec![]));
         let t_ready = {
             let t0 = Instant::now();
             loop {

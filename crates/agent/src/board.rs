@@ -139,7 +139,7 @@ impl Sensors {
                 .collect(),
             last_power: None,
             last_slow: None,
-            power_period: Duration::from_millis(4),
+            power_period: Duration::from_millis(9),
             slow_period: Duration::from_millis(100),
         })
     }

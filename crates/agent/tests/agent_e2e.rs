@@ -346,3 +346,37 @@ fn nominal_voltage_is_back_after_a_panic() {
     assert!(agent.log().contains("test-only panic"), "{}", agent.log());
     assert_eq!(sim.vccint_mv(), Some(850));
 }
+
+#[test]
+fn field_mode_runs_canaries_against_the_golden() {
+    let (t, sim, ctl) = setup("e2e-field", 8);
+    let mut spec = job(8, MODEL, vec![0, 1]);
+    spec.mode = proto::wire::JobMode::Field {
+        period_ms: 50,
+        rounds: Some(5),
+    };
+    ctl.set_job(spec, vec![]);
+    let mut agent = AgentProc::new(
+        &t.path().join("agent"),
+        &ctl.url(),
+        &sim,
+        TOKEN,
+        AgentOpts::default(),
+    );
+    agent.start();
+    wait_until("field job finished", LONG, || ctl.with(|s| s.finished(8)));
+    ctl.with(|s| {
+        assert_eq!(s.records.len(), 10, "{}", dump(&agent, &ctl));
+        let mut rounds: Vec<u64> = s.records.values().map(|r| r.trial_id).collect();
+        rounds.dedup();
+        assert_eq!(rounds, vec![0, 1, 2, 3, 4]);
+        for r in s.records.values() {
+            // Nominal voltage, no injection: the canary matches the golden.
+            assert_eq!(r.outcome, Outcome::Masked, "{r:?}");
+            assert!(
+                r.power_w > 0.0 && r.vccint_mv > 800.0 && r.temp_c > 0.0,
+                "{r:?}"
+            );
+        }
+    });
+}

@@ -495,6 +495,40 @@ mod tests {
         }
 
         #[test]
+        fn mutated_controller_frames_never_panic(
+            muts in proptest::collection::vec((0usize..4096, any::<u8>()), 1..8),
+            cut in 0usize..4096,
+        ) {
+            let c = ControllerMsg::Trials(TrialChunk {
+                job_id: 9,
+                trials: (0..4)
+                    .map(|i| TrialSpec {
+                        trial_id: i,
+                        attempt: 0,
+                        faults: vec![FaultSpec {
+                            target: FaultTarget::Region { name: "params".into(), offset: i * 4 },
+                            bits: vec![1, 2],
+                            kind: FaultKind::StuckAt1,
+                            persistence: Persistence::Permanent,
+                        }],
+                        voltages: vec![("vccint".into(), 600)],
+                    })
+                    .collect(),
+                last: false,
+            });
+            let mut f = c.encode();
+            for (i, v) in muts {
+                let n = f.len();
+                f[i % n] = v;
+            }
+            f.truncate(cut % (f.len() + 1));
+            match ControllerMsg::decode(&f) {
+                Ok(_) => {}
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+
+        #[test]
         fn mutated_frames_never_panic(idx in 0usize..4096, val in any::<u8>(), cut in 0usize..4096) {
             let mut f = AgentMsg::Records(RecordBatch { records: vec![record(7), record(8)] }).encode();
             let i = idx % f.len();

@@ -71,7 +71,6 @@ struct ActiveJob {
 pub struct Worker {
     cfg: Config,
     spool: Arc<Mutex<Spool>>,
-    wake: Arc<Notify>,
     out: tokio::sync::mpsc::UnboundedSender<AgentMsg>,
     shared: Arc<Shared>,
     board: Option<Board>,
@@ -87,6 +86,78 @@ pub struct Worker {
     /// Boot id seen when this process first reached the board.
     boot_id: String,
     cmds: Option<Receiver<Cmd>>,
+    writer: SpoolWriter,
+}
+
+enum WriteReq {
+    Batch(Option<Progress>, Vec<Record>),
+    Barrier(std::sync::mpsc::SyncSender<()>),
+}
+
+/// The spool's fsyncs run on their own thread so the trial loop does not wait for the
+/// disk; batches that queue up meanwhile share one fsync. Durability is unchanged:
+/// records become visible to the link only once written and synced.
+struct SpoolWriter {
+    tx: std::sync::mpsc::Sender<WriteReq>,
+}
+
+impl SpoolWriter {
+    fn start(spool: Arc<Mutex<Spool>>, wake: Arc<Notify>) -> SpoolWriter {
+        let (tx, rx) = std::sync::mpsc::channel::<WriteReq>();
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut reqs = vec![first];
+                    while let Ok(r) = rx.try_recv() {
+                        reqs.push(r);
+                    }
+                    let mut records = Vec::new();
+                    let mut progress = None;
+                    let mut barriers = Vec::new();
+                    for r in reqs {
+                        match r {
+                            WriteReq::Batch(p, recs) => {
+                                records.extend(recs);
+                                progress = p.or(progress);
+                            }
+                            WriteReq::Barrier(b) => barriers.push(b),
+                        }
+                    }
+                    if !records.is_empty() || progress.is_some() {
+                        // Never drop records: retry until the disk takes them.
+                        loop {
+                            let r = lock(&spool).append(progress, records.clone());
+                            match r {
+                                Ok(_) => break,
+                                Err(e) => {
+                                    tracing::error!(error = %e, "Spool append failed; retrying");
+                                    std::thread::sleep(Duration::from_millis(200));
+                                }
+                            }
+                        }
+                        wake.notify_one();
+                    }
+                    for b in barriers {
+                        let _ = b.send(());
+                    }
+                }
+            })
+            .expect("spawning the spool writer");
+        SpoolWriter { tx }
+    }
+
+    fn write(&self, progress: Option<Progress>, records: Vec<Record>) {
+        let _ = self.tx.send(WriteReq::Batch(progress, records));
+    }
+
+    /// Wait until everything handed over so far is durable.
+    fn barrier(&self) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        if self.tx.send(WriteReq::Barrier(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -151,10 +222,10 @@ impl Worker {
         let panic_at = std::env::var("HIL_AGENT_TEST_PANIC_AT_TRIAL")
             .ok()
             .and_then(|v| v.parse().ok());
+        let writer = SpoolWriter::start(spool.clone(), wake.clone());
         Worker {
             cfg,
             spool,
-            wake,
             out,
             shared,
             board: None,
@@ -169,6 +240,7 @@ impl Worker {
             panic_at,
             boot_id: String::new(),
             cmds: None,
+            writer,
         }
     }
 
@@ -254,8 +326,13 @@ impl Worker {
         }
     }
 
+    /// Hand finished trials' records (and the progress after them) to the spool writer.
+    /// `force`: now, and wait until they are durable.
     fn commit(&mut self, force: bool) {
         if self.pending.is_empty() && self.pending_progress.is_none() {
+            if force {
+                self.writer.barrier();
+            }
             return;
         }
         if !force
@@ -266,16 +343,9 @@ impl Worker {
         }
         let records = std::mem::take(&mut self.pending);
         let progress = self.pending_progress.take();
-        let res = lock(&self.spool).append(progress, records.clone());
-        match res {
-            Ok(_) => self.wake.notify_one(),
-            Err(e) => {
-                // Keep them and retry: records are never dropped.
-                tracing::error!(error = %e, "Spool append failed; retrying");
-                self.pending = records;
-                self.pending_progress = progress;
-                std::thread::sleep(Duration::from_millis(200));
-            }
+        self.writer.write(progress, records);
+        if force {
+            self.writer.barrier();
         }
         self.last_commit = Instant::now();
     }
@@ -742,6 +812,18 @@ impl Worker {
     }
 
     fn run_one(&mut self) {
+        if let Some(b) = self.board.as_mut() {
+            let t = b.sensors.max_temp_c();
+            let limit = b.file.sensors.max_temp_c;
+            if t > limit {
+                let why = format!(
+                    "die temperature {t:.1} °C is above the board limit {limit:.1} °C: job stopped"
+                );
+                tracing::error!(reason = %why, "Thermal interlock");
+                self.finish(JobPhase::Failed, Some(why));
+                return;
+            }
+        }
         let j = self.job.as_ref().expect("caller checked");
         let spec = j.trials[j.next as usize].clone();
         self.run_spec(spec);
@@ -764,15 +846,9 @@ impl Worker {
         )
         .entered();
         if risky {
-            // The fsync inside must not lag behind records of earlier trials.
-            let recs = std::mem::take(&mut self.pending);
-            let prog = self.pending_progress.take();
-            if !recs.is_empty() || prog.is_some() {
-                if let Err(e) = lock(&self.spool).append(prog, recs) {
-                    tracing::error!(error = %e, "Spool append failed");
-                }
-                self.wake.notify_one();
-            }
+            // Records of earlier trials must be durable before a trial that may crash
+            // the board.
+            self.commit(true);
         }
         let board = self.board.as_mut().expect("prepared");
         let j = self.job.as_mut().expect("caller checked");
