@@ -380,3 +380,31 @@ fn field_mode_runs_canaries_against_the_golden() {
         }
     });
 }
+
+#[test]
+fn wss_with_a_private_ca() {
+    let t = tempfile::Builder::new()
+        .prefix("e2e-wss")
+        .tempdir()
+        .unwrap();
+    let sim = SimProc::start(&t.path().join("sim"), 9);
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let ca = t.path().join("lab-ca.pem");
+    std::fs::write(&ca, ck.cert.pem()).unwrap();
+    let ctl = Ctl::start_tls(
+        TOKEN,
+        ck.cert.der().to_vec(),
+        ck.signing_key.serialize_der(),
+    );
+    ctl.set_job(job(9, MODEL, vec![0]), flip_trials(5, vec![]));
+    let opts = AgentOpts {
+        ca_file: Some(ca),
+        ..Default::default()
+    };
+    let mut agent = AgentProc::new(&t.path().join("agent"), &ctl.wss_url(), &sim, TOKEN, opts);
+    agent.start();
+    wait_until("job over wss finished", LONG, || {
+        ctl.with(|s| s.finished(9) && s.records.len() == 5)
+    });
+    drop(agent);
+}

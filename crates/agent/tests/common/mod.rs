@@ -163,6 +163,7 @@ pub struct AgentProc {
 pub struct AgentOpts {
     pub grace_ms: u64,
     pub board_file: PathBuf,
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for AgentOpts {
@@ -170,6 +171,7 @@ impl Default for AgentOpts {
         AgentOpts {
             grace_ms: 3000,
             board_file: workspace().join("board-images/boards/kv260-sim.yaml"),
+            ca_file: None,
         }
     }
 }
@@ -179,9 +181,14 @@ impl AgentProc {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join("token"), format!("{token}\n")).unwrap();
         let cfg = dir.join("agent.yaml");
+        let ca = o
+            .ca_file
+            .as_ref()
+            .map(|p| format!("ca_file: {}\n", p.display()))
+            .unwrap_or_default();
         std::fs::write(
             &cfg,
-            format!(
+            ca + &format!(
                 "controller_url: {url}\nboard_id: sim-0\ntoken_file: token\nboard_file: {}\n\
                  hw_root: {}\nmodels_dir: {}\nstate_dir: state\ncontroller_grace_ms: {}\n\
                  telemetry_hz: 5\n",
@@ -325,6 +332,23 @@ pub struct Ctl {
 
 impl Ctl {
     pub fn start(token: &str) -> Ctl {
+        Ctl::start_with(token, None)
+    }
+
+    /// A `wss://` controller with this certificate chain and key (DER).
+    pub fn start_tls(token: &str, cert: Vec<u8>, key: Vec<u8>) -> Ctl {
+        use tokio_rustls::rustls;
+        let cfg = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![rustls::pki_types::CertificateDer::from(cert)],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()),
+            )
+            .unwrap();
+        Ctl::start_with(token, Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg))))
+    }
+
+    fn start_with(token: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Ctl {
         let st = Arc::new(Mutex::new(CtlState {
             token: token.into(),
             accept: true,
@@ -346,9 +370,16 @@ impl Ctl {
                     let Ok((s, _)) = l.accept().await else {
                         continue;
                     };
-                    let (st, cut) = (st2.clone(), cut2.clone());
+                    let (st, cut, tls) = (st2.clone(), cut2.clone(), tls.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = serve(s, st.clone(), cut).await {
+                        let r = match tls {
+                            None => serve(s, st.clone(), cut).await,
+                            Some(acc) => match acc.accept(s).await {
+                                Ok(t) => serve(t, st.clone(), cut).await,
+                                Err(e) => Err(format!("tls: {e}")),
+                            },
+                        };
+                        if let Err(e) = r {
                             st.lock().unwrap().errors.push(e);
                         }
                         st.lock().unwrap().connected = false;
@@ -365,6 +396,10 @@ impl Ctl {
 
     pub fn url(&self) -> String {
         format!("ws://{}/v1/agent", self.addr)
+    }
+
+    pub fn wss_url(&self) -> String {
+        format!("wss://localhost:{}/v1/agent", self.addr.port())
     }
 
     /// Drop every open connection abruptly.
@@ -387,11 +422,10 @@ impl Ctl {
     }
 }
 
-async fn serve(
-    s: tokio::net::TcpStream,
-    st: Arc<Mutex<CtlState>>,
-    cut: Arc<AtomicU64>,
-) -> Result<(), String> {
+async fn serve<S>(s: S, st: Arc<Mutex<CtlState>>, cut: Arc<AtomicU64>) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let gen0 = cut.load(Ordering::SeqCst);
     let mut ws = tokio_tungstenite::accept_async(s)
         .await
