@@ -80,6 +80,12 @@ class Dash:
             "options": options or {}, "transformations": transformations or [],
         })
 
+    def text(self, title, content, w=24, h=4):
+        self.panels.append({
+            "id": len(self.panels) + 1, "type": "text", "title": title, "datasource": DS,
+            "gridPos": self._place(w, h), "options": {"mode": "markdown", "content": content},
+        })
+
     def json(self):
         return {
             "uid": self.uid, "title": self.title, "description": self.description,
@@ -148,15 +154,16 @@ def lab_overview():
                 "color": {"mode": "thresholds"},
                 "thresholds": {"mode": "absolute", "steps": [{"color": "red", "value": None},
                                                              {"color": "green", "value": 1}]}})
-    d.panel("table", "Board health now", [
-        {"expr": f"hil_board_health{{{B}}} == 1", "instant": True},
-        {"expr": f"hil_board_up{{{B}}}", "instant": True}],
-        w=12, h=8, description="Health is one axis, connectivity another: a stale health reads unknown.",
+    d.panel("table", "Boards now: connected, bad alert", [
+        {"expr": f"hil_board_up{{{B}}}", "instant": True},
+        # The controller sets the alert series only once a board went bad: 0 otherwise.
+        {"expr": f"hil_board_bad_alert{{{B}}} or hil_board_up{{{B}}} * 0", "instant": True}],
+        w=12, h=8, description=("Connectivity and the bad alert per board. Health by board: `hilctl boards`; "
+                                "the health mix of the rack is the pie chart."),
         transformations=[{"id": "merge", "options": {}},
                          {"id": "organize", "options": {
-                             "excludeByName": {"Time": True, "Value #A": True, "__name__": True,
-                                               "instance": True, "job": True},
-                             "renameByName": {"Value #B": "connected"}}}])
+                             "excludeByName": {"Time": True, "__name__": True, "instance": True, "job": True},
+                             "renameByName": {"Value #A": "connected", "Value #B": "bad alert"}}}])
     d.row("Power and environment")
     d.panel("timeseries", "Board power (INA260)", [{"expr": f"hil_board_power_watts{{{B}}}", "legend": "{{board}}"}],
             unit="watt", options=TS)
@@ -164,19 +171,17 @@ def lab_overview():
         {"expr": f"hil_board_temperature_celsius{{{B}}}", "legend": "{{board}} {{sensor}}"}],
         unit="celsius", options=TS)
     d.panel("timeseries", "Rail voltages (read-back)", [
-        {"expr": f"hil_board_rail_volts{{{B}}}", "legend": "{{board}} {{rail}}"},
-        {"expr": f"hil_board_rail_min_volts{{{B}}}", "legend": "{{board}} {{rail}} hard min"}],
-        w=24, unit="volt", options=TS, description=(
-            "Read back through the regulator and AMS. Undervolting campaigns move VCCINT on purpose; "
-            "the dashed line is the board file's hard minimum, which the agent never crosses."),
-        overrides=[{"matcher": {"id": "byRegexp", "options": ".*hard min"},
-                    "properties": [{"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}}]}])
+        {"expr": f"hil_board_rail_millivolts{{{B}}}", "legend": "{{board}} {{rail}}"}],
+        w=24, unit="mvolt", options=TS, description=(
+            "Read back through the AMS monitor. Undervolting campaigns move VCCINT on purpose, "
+            "never outside the board file's hard limits (docs/operating.md, Voltage limits)."))
     d.row("Recovery")
     d.panel("timeseries", "Recoveries by action and result", [
-        {"expr": f"sum by (board, action, result) (increase(hil_recoveries_total{{{B}}}[$__rate_interval]))",
-         "legend": "{{board}} {{action}} {{result}}"}],
+        {"expr": "sum by (action, result) (increase(hil_recoveries_total[$__rate_interval])) or vector(0)",
+         "legend": "{{action}} {{result}}"}],
         w=24, unit="short", options=TS, field_defaults={"custom": {"drawStyle": "bars"}},
-        description="Wait for reconnect, power cycle, health check. Repeated failures turn a board bad.")
+        description=("Wait for reconnect, power cycle, health check, lab-wide (0 when none happened). "
+                     "Repeated failures turn a board bad; per-board incidents: GET /api/incidents."))
     return d
 
 
@@ -188,7 +193,7 @@ def campaign():
              "vulnerable layers, failures vs voltage, latency and power.",
              ["campaign"],
              [var("campaign", "Campaign", "label_values(hil_campaign_trials_planned, campaign)"),
-              var("model", "Model", "label_values(hil_campaign_trials_total, model)")])
+              var("model", "Model", "label_values(hil_inference_outcomes_total, model)")])
     d.row("Progress")
     d.panel("bargauge", "Progress", [
         {"expr": f"hil_campaign_progress_ratio{{{C}}}", "legend": "{{campaign}}"}],
@@ -210,52 +215,34 @@ def campaign():
         w=12, unit="short", options=TS,
         description="Every committed inference, masked ones left out so the failures are visible.")
     d.row("Failure rates (the paper's criterion: any pixel's class differs from golden)")
-    for by, title in [("activation, stage", "Failure rate by activation and stage"),
-                      ("model", "Failure rate by model")]:
-        f = f"(sum by ({by}) (hil_campaign_trials_total{{{C},{M},{FAIL}}}) or sum by ({by}) (hil_campaign_trials_total{{{C},{M},{COUNTED}}}) * 0)"
-        n = f"sum by ({by}) (hil_campaign_trials_total{{{C},{M},{COUNTED}}})"
+    # activation and stage come from the model name ({size}-{activation}-{stage}).
+    src = (f'label_replace(label_replace(hil_inference_outcomes_total{{{M},OUTCOMES}}, '
+           f'"activation", "$1", "model", "[^-]+-([^-]+)-.*"), "stage", "$1", "model", ".*-([^-]+)")')
+    for by, title in [("activation, stage", "Failure rate per inference by activation and stage"),
+                      ("model", "Failure rate per inference by model")]:
+        f = f"(sum by ({by}) ({src.replace('OUTCOMES', FAIL)}) or sum by ({by}) ({src.replace('OUTCOMES', COUNTED)}) * 0)"
+        n = f"sum by ({by}) ({src.replace('OUTCOMES', COUNTED)})"
         d.panel("table", title + " (Wilson 95%)", [
             {"expr": f"{f} / {n}", "instant": True},
             {"expr": wilson(f, n, "lower"), "instant": True},
             {"expr": wilson(f, n, "upper"), "instant": True},
             {"expr": n, "instant": True}],
             w=12, h=9, unit="percentunit",
-            description="Same numbers as `hilctl report`: failures / counted trials, Wilson score interval.",
+            description=("Every committed inference of the time range, all campaigns (the controller's "
+                         "counter hil_inference_outcomes_total). `hilctl report` counts per trial instead: a "
+                         "trial fails when any of its inputs does, so its rates are higher."),
             transformations=[{"id": "merge", "options": {}},
                              {"id": "organize", "options": {
                                  "excludeByName": {"Time": True},
                                  "renameByName": {"Value #A": "failure rate", "Value #B": "95% low",
-                                                  "Value #C": "95% high", "Value #D": "trials"}}}],
-            overrides=[{"matcher": {"id": "byName", "options": "trials"},
+                                                  "Value #C": "95% high", "Value #D": "inferences"}}}],
+            overrides=[{"matcher": {"id": "byName", "options": "inferences"},
                         "properties": [{"id": "unit", "value": "short"}]}])
-    d.panel("heatmap", "Per-layer vulnerability (failure rate of faults in the layer)", [
-        {"expr": f"sum by (model, layer) (hil_campaign_layer_failures_total{{{C},{M}}}) / "
-                 f"sum by (model, layer) (hil_campaign_layer_trials_total{{{C},{M}}})",
-         "legend": "{{model}} {{layer}}"}],
-        w=24, h=12, options={"calculate": False, "cellGap": 1, "color": {
-            "mode": "scheme", "scheme": "Reds", "steps": 64, "exponent": 0.5, "fill": "dark-red",
-            "reverse": False, "scale": "exponential"},
-            "yAxis": {"axisPlacement": "left", "reverse": False}, "rowsFrame": {"layout": "auto"},
-            "cellValues": {"unit": "percentunit"}, "legend": {"show": True},
-            "tooltip": {"mode": "single", "yHistogram": False, "showColorScale": True},
-            "exemplars": {"color": "rgba(255,0,255,0.7)"}},
-        description="Rows are (model, layer); colour is the cumulative failure rate of trials whose fault hit "
-                    "a parameter of that layer. Pick one model for a readable map.")
-    d.panel("barchart", "Failure rate vs voltage", [
-        {"expr": f"sum by (model, millivolts) (hil_campaign_voltage_failures_total{{{C},{M}}}) / "
-                 f"sum by (model, millivolts) (hil_campaign_voltage_trials_total{{{C},{M}}})",
-         "instant": True}],
-        w=24, h=9, unit="percentunit",
-        options={"orientation": "vertical", "xTickLabelRotation": 0, "showValue": "never",
-                 "groupWidth": 0.7, "barWidth": 0.97, "stacking": "none",
-                 "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-                 "tooltip": {"mode": "multi", "sort": "none"}},
-        description="Set-point of the trial (mV, x) vs failure rate, one bar per model. The emulated board's "
-                    "timing starts failing below ~570 mV; a real KV260's threshold must be measured.",
-        transformations=[{"id": "groupingToMatrix", "options": {
-            "columnField": "model", "rowField": "millivolts", "valueField": "Value"}},
-            {"id": "convertFieldType", "options": {"conversions": [
-                {"targetField": "millivolts\\model", "destinationType": "string"}]}}])
+    d.text("Per layer, per bit, per voltage",
+           "The per-layer vulnerability, per-bit and failures-vs-voltage breakdowns with their Wilson "
+           "intervals come from the stored records: `hilctl report <campaign>` (groups `model_layer`, "
+           "`model_bit`, `model_voltage` in `--format json`), or `hilctl export <campaign> --format parquet`. "
+           "The controller does not export them as metrics (yet), so no panel here shows them.")
     d.row("Latency and power")
     d.panel("heatmap", "Inference latency distribution", [
         {"expr": f"sum by (le) (increase(hil_inference_latency_seconds_bucket{{{M}}}[$__rate_interval]))",
@@ -269,17 +256,13 @@ def campaign():
          "legend": "p50 {{model}}"},
         {"expr": f"histogram_quantile(0.99, sum by (le, model) (rate(hil_inference_latency_seconds_bucket{{{M}}}[$__rate_interval])))",
          "legend": "p99 {{model}}"}], unit="s", options=TS)
-    d.panel("heatmap", "Inference power distribution", [
-        {"expr": f"sum by (le) (increase(hil_inference_power_watts_bucket{{{M}}}[$__rate_interval]))",
-         "format": "heatmap", "legend": "{{le}}"}],
-        options={"calculate": False, "yAxis": {"unit": "watt", "axisPlacement": "left"},
-                 "color": {"mode": "scheme", "scheme": "Blues", "steps": 64},
-                 "cellGap": 1, "rowsFrame": {"layout": "auto"}, "legend": {"show": True},
-                 "tooltip": {"mode": "single", "yHistogram": True}})
-    d.panel("timeseries", "Mean inference power by model", [
-        {"expr": f"sum by (model) (rate(hil_inference_power_watts_sum{{{M}}}[$__rate_interval])) / "
-                 f"sum by (model) (rate(hil_inference_power_watts_count{{{M}}}[$__rate_interval]))",
-         "legend": "{{model}}"}], unit="watt", options=TS)
+    d.panel("histogram", "Board power distribution (samples in the time range)", [
+        {"expr": "hil_board_power_watts", "legend": "{{board}}"}],
+        unit="watt", options={"bucketSize": 0.05, "combine": True,
+                              "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True}},
+        description="INA260 input power of every board, idle and busy; the right-hand mode is inference.")
+    d.panel("timeseries", "Board power", [
+        {"expr": "hil_board_power_watts", "legend": "{{board}}"}], unit="watt", options=TS)
     return d
 
 
@@ -288,29 +271,29 @@ def field():
     d = Dash("hil-field", "HIL lab: field robustness",
              "Boards deployed in products run periodic canary inferences against golden outputs "
              "(no injection): a mismatch means the hardware, not the model, changed an answer.",
-             ["field"], [var("board", "Board", "label_values(hil_field_canary_runs_total, board)")])
+             ["field"], [var("board", "Board", "label_values(hil_board_up, board)")])
     d.panel("stat", "Boards with canary mismatches (time range)", [
         f"count(increase(hil_field_canary_mismatches_total{{{B}}}[$__range]) > 0) or vector(0)"],
         w=6, h=5, options=STAT, field_defaults={"thresholds": {"mode": "absolute", "steps": [
             {"color": "green", "value": None}, {"color": "red", "value": 1}]}})
     d.panel("stat", "Canary runs (time range)", [
-        f"sum(increase(hil_field_canary_runs_total{{{B}}}[$__range]))"], w=6, h=5, options=STAT)
+        f"sum(increase(hil_field_canary_runs_total{{{B}}}[$__range])) or vector(0)"], w=6, h=5, options=STAT)
     d.panel("bargauge", "Mismatch ratio per board (time range)", [
-        {"expr": f"sum by (board) (increase(hil_field_canary_mismatches_total{{{B}}}[$__range])) / "
-                 f"sum by (board) (increase(hil_field_canary_runs_total{{{B}}}[$__range]))",
+        {"expr": f"(sum by (board) (increase(hil_field_canary_mismatches_total{{{B}}}[$__range])) / "
+                 f"sum by (board) (increase(hil_field_canary_runs_total{{{B}}}[$__range]))) or vector(0)",
          "legend": "{{board}}"}], w=12, h=5, unit="percentunit", options=BARGAUGE,
         field_defaults={"min": 0})
     d.panel("timeseries", "Canary mismatches per board over time", [
-        {"expr": f"sum by (board) (increase(hil_field_canary_mismatches_total{{{B}}}[$__rate_interval]))",
+        {"expr": f"sum by (board) (increase(hil_field_canary_mismatches_total{{{B}}}[$__rate_interval])) or vector(0)",
          "legend": "{{board}}"}], w=24, unit="short", options=TS,
         field_defaults={"custom": {"drawStyle": "bars", "fillOpacity": 80}})
     d.panel("timeseries", "Canary runs per second", [
-        {"expr": f"sum by (board) (rate(hil_field_canary_runs_total{{{B}}}[$__rate_interval]))",
+        {"expr": f"sum by (board) (rate(hil_field_canary_runs_total{{{B}}}[$__rate_interval])) or vector(0)",
          "legend": "{{board}}"}], unit="short", options=TS)
     d.panel("timeseries", "VCCINT and temperature of field boards", [
-        {"expr": f'hil_board_rail_volts{{{B},rail="vccint"}}', "legend": "{{board}} VCCINT"},
+        {"expr": f'hil_board_rail_millivolts{{{B},rail="vccint"}}', "legend": "{{board}} VCCINT"},
         {"expr": f"max by (board) (hil_board_temperature_celsius{{{B}}})", "legend": "{{board}} max temp"}],
-        unit="volt", options=TS,
+        unit="mvolt", options=TS,
         overrides=[{"matcher": {"id": "byRegexp", "options": ".*max temp"},
                     "properties": [{"id": "unit", "value": "celsius"},
                                    {"id": "custom.axisPlacement", "value": "right"}]}],

@@ -8,7 +8,10 @@ Checks what Grafana needs to load and render a provisioned dashboard:
   - every datasource (panel, target, query variable) uses the provisioned uid;
   - every non-row panel has targets, each with a refId (unique in the panel) and an expr;
   - every $variable used in an expr is a dashboard variable or a Grafana built-in;
-  - the JSON equals what grafana/generate.py produces (no drift from hand edits).
+  - the JSON equals what grafana/generate.py produces (no drift from hand edits);
+  - every hil_* metric a panel or an alert rule queries is one the controller exports
+    (names read from crates/controller/src/metrics/mod.rs), so a typo or a metric that
+    does not exist fails here, not silently as an empty panel.
 
   --exprs RATE RANGE   print every panel query as JSON lines with Grafana variables
                        substituted (used by the PromQL syntax check and the panel-query test)
@@ -36,7 +39,8 @@ PANEL_TYPES = {
 }
 BUILTIN_VARS = {"__rate_interval", "__interval", "__interval_ms", "__range", "__range_s",
                 "__range_ms", "__all", "__name", "__dashboard", "__org", "__user", "__from", "__to"}
-VAR_RE = re.compile(r"\$(?:\{(\w+)(?::\w+)?\}|(\w+))")
+# Grafana variables; `$1` (a PromQL label_replace capture group) is not one.
+VAR_RE = re.compile(r"\$(?:\{([A-Za-z_]\w*)(?::\w+)?\}|([A-Za-z_]\w*))")
 
 
 def provisioned_uid():
@@ -164,6 +168,36 @@ def check_generated(errors):
             errors.append(f"{name}: differs from grafana/generate.py output: run python3 grafana/generate.py")
 
 
+METRICS_SRC = ROOT / "crates" / "controller" / "src" / "metrics" / "mod.rs"
+RULES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
+METRIC_RE = re.compile(r"\bhil_[a-z0-9_]+")
+
+
+def check_metric_names(dashboards, errors):
+    if not METRICS_SRC.exists():
+        errors.append(f"{METRICS_SRC} missing: cannot check metric names")
+        return
+    exported = set(re.findall(r'"(hil_[a-z0-9_]+)"', METRICS_SRC.read_text()))
+    known = exported | {f"{m}_{suffix}" for m in exported for suffix in ("bucket", "sum", "count")}
+    used = {}
+    for path, dash in dashboards:
+        for p in all_panels(dash["panels"]):
+            for t in p.get("targets", []) or []:
+                for m in METRIC_RE.findall(t.get("expr", "")):
+                    used.setdefault(m, f"{path.name} / {p.get('title')}")
+        for v in dash.get("templating", {}).get("list", []):
+            q = v.get("query")
+            q = q.get("query", "") if isinstance(q, dict) else (q or "")
+            for m in METRIC_RE.findall(q):
+                used.setdefault(m, f"{path.name} / variable {v.get('name')}")
+    for rules in RULES:
+        for m in METRIC_RE.findall(rules.read_text()):
+            used.setdefault(m, f"{rules.relative_to(ROOT)}")
+    for m, where in sorted(used.items()):
+        if m not in known:
+            errors.append(f"{where}: metric {m} is not exported by the controller ({METRICS_SRC.relative_to(ROOT)})")
+
+
 def substitute(expr, rate, rng):
     expr = expr.replace("$__rate_interval", rate).replace("$__interval", rate).replace("$__range", rng)
     # Query variables are all-valued in the checks: their allValue is ".*".
@@ -201,9 +235,10 @@ def main(argv):
     for path, dash in dashboards:
         check_dashboard(path, dash, uid, errors)
     check_generated(errors)
+    check_metric_names(dashboards, errors)
     if errors:
         print("dashboard check FAILED:", file=sys.stderr)
-        for e in errors:
+        for e in dict.fromkeys(errors):
             print(f"  {e}", file=sys.stderr)
         return 1
     n = sum(1 for _, d in dashboards for p in all_panels(d["panels"]) if p.get("type") != "row")
