@@ -178,3 +178,23 @@ fn controller(args: impl Iterator<Item = OsString>) -> ExitCode {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    /// The demo's agent role must run exactly the hil-agent binary's code.
+    #[test]
+    fn agent_role_is_the_agent_binary() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = std::process::Command::new("python3")
+            .arg(root.join("tools/sync_agent_main.py"))
+            .arg("--check")
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
