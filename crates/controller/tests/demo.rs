@@ -63,6 +63,27 @@ fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
 
+/// The demo under test: stopped (Ctrl-C, then SIGKILL) even when an assertion fails, so a
+/// failed run leaves no lab behind.
+struct Demo(Child);
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(30) {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 struct Killed(Child);
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -133,19 +154,22 @@ fn demo_lab_reports_from_records_and_serves_every_dashboard_query() {
     let python = tool("pandas/pyarrow python ($HIL_PYTHON)", pandas_python());
 
     let t0 = Instant::now();
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_hilctl"))
-        .args(["demo", "--keep-running", "--plain", "--dir"])
-        .arg(&dir)
-        .env("HIL_REPO", &repo)
-        .current_dir(tmp.path())
-        .stdout(std::fs::File::create(logs.join("demo.out")).unwrap())
-        .stderr(std::fs::File::create(logs.join("demo.err")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut guard = Demo(
+        Command::new(env!("CARGO_BIN_EXE_hilctl"))
+            .args(["demo", "--keep-running", "--plain", "--dir"])
+            .arg(&dir)
+            .env("HIL_REPO", &repo)
+            .current_dir(tmp.path())
+            .stdout(std::fs::File::create(logs.join("demo.out")).unwrap())
+            .stderr(std::fs::File::create(logs.join("demo.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let demo = &mut guard.0;
 
     wait_for(
         "lab.json",
-        &mut demo,
+        demo,
         logs,
         Duration::from_secs(300),
         || dir.join("lab.json").exists(),
@@ -202,7 +226,7 @@ fn demo_lab_reports_from_records_and_serves_every_dashboard_query() {
     // The campaign runs to its end; the demo prints the report and stays up.
     wait_for(
         "the report",
-        &mut demo,
+        demo,
         logs,
         Duration::from_secs(900),
         || read(&logs.join("demo.out")).contains("The lab keeps running"),
