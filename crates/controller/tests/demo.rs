@@ -167,13 +167,9 @@ fn demo_lab_reports_from_records_and_serves_every_dashboard_query() {
     );
     let demo = &mut guard.0;
 
-    wait_for(
-        "lab.json",
-        demo,
-        logs,
-        Duration::from_secs(300),
-        || dir.join("lab.json").exists(),
-    );
+    wait_for("lab.json", demo, logs, Duration::from_secs(300), || {
+        dir.join("lab.json").exists()
+    });
     let lab: serde_json::Value = serde_json::from_str(&read(&dir.join("lab.json"))).unwrap();
     let url = lab["url"].as_str().unwrap().to_string();
     let token = lab["token"].as_str().unwrap().to_string();
@@ -224,13 +220,9 @@ fn demo_lab_reports_from_records_and_serves_every_dashboard_query() {
     }
 
     // The campaign runs to its end; the demo prints the report and stays up.
-    wait_for(
-        "the report",
-        demo,
-        logs,
-        Duration::from_secs(900),
-        || read(&logs.join("demo.out")).contains("The lab keeps running"),
-    );
+    wait_for("the report", demo, logs, Duration::from_secs(900), || {
+        read(&logs.join("demo.out")).contains("The lab keeps running")
+    });
     let wall = t0.elapsed();
     let out = read(&logs.join("demo.out"));
     eprintln!("demo output:\n{out}\n(demo reached its report after {wall:?})");
