@@ -65,7 +65,11 @@ pub async fn upgrade(
     }
     // Allow frames somewhat above the protocol limit through the websocket layer so
     // they reach our own check and get a named error instead of a bare reset.
-    ws.max_message_size(MAX_FRAME_BYTES + (1 << 20))
+    // Small per-connection buffers: a thousand idle agents must stay cheap (the read
+    // buffer grows on demand for large record batches).
+    ws.read_buffer_size(16 * 1024)
+        .write_buffer_size(16 * 1024)
+        .max_message_size(MAX_FRAME_BYTES + (1 << 20))
         .max_frame_size(MAX_FRAME_BYTES + (1 << 20))
         .on_upgrade(move |socket| session(shared, socket))
 }
