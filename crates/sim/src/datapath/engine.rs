@@ -1011,12 +1011,19 @@ impl Engine {
         for (o, r) in rq.iter().enumerate() {
             for y in (0..h).filter(|&y| self.orows[y]) {
                 let range = o * hw + y * w..o * hw + (y + 1) * w;
-                // Only accumulators that moved can change the output.
+                // Only accumulators that moved can change the output (branch-free
+                // compaction: which ones moved is unpredictable).
+                let start = self.cand.len();
+                self.cand.resize(start + w + 1, 0);
+                let mut nc = start;
                 for kk in range.clone() {
-                    if acc[kk] != gacc[kk] {
-                        out[kk] = r.to_i8(acc[kk], n.zp_out, n.act_min, n.act_max);
-                        self.cand.push(kk as u32);
-                    }
+                    self.cand[nc] = kk as u32;
+                    nc += usize::from(acc[kk] != gacc[kk]);
+                }
+                self.cand.truncate(nc);
+                for &kk in &self.cand[start..] {
+                    let kk = kk as usize;
+                    out[kk] = r.to_i8(acc[kk], n.zp_out, n.act_min, n.act_max);
                 }
                 acc[range.clone()].copy_from_slice(&gacc[range]);
             }
