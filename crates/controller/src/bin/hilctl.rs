@@ -33,7 +33,8 @@ fn main() -> std::process::ExitCode {
     match hilctl() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("Error: {e:?}");
+            // The cause chain on one line; no backtrace for a user-facing error.
+            eprintln!("Error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
