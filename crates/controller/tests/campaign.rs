@@ -297,3 +297,49 @@ async fn disturbed_run_gives_the_same_report_as_an_undisturbed_one() {
     }
     let _ = Outcome::Masked;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_and_priority() {
+    let boards = ["b0"];
+    let mut lab = Lab::new(&boards, "");
+    lab.start();
+    let op = lab.client(OPERATOR);
+    let id = op.submit("c.yaml", campaign_yaml(5, 5)).await.unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let v = op
+        .json("POST", &format!("/api/campaigns/{id}/pause"), None)
+        .await
+        .unwrap();
+    assert_eq!(v["state"], "paused");
+    let e = op
+        .json("POST", &format!("/api/campaigns/{id}/pause"), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("cannot pause"), "{e}");
+    // A paused campaign gets no board: a higher-priority one submitted later runs.
+    let hi = campaign_yaml(6, 3).replace("seed: 6", "seed: 6\npriority: 90");
+    let id2 = op.submit("hi.yaml", hi).await.unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let agents = start_agents(&lab, &boards, 2);
+    assert_eq!(wait_finished(&op, id2, || lab.log()).await, "done");
+    let st = op
+        .json("GET", &format!("/api/campaigns/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(st["state"], "paused");
+    assert_eq!(st["live"]["done"], 0, "{st}");
+    let v = op
+        .json("POST", &format!("/api/campaigns/{id}/resume"), None)
+        .await
+        .unwrap();
+    assert_eq!(v["state"], "running");
+    assert_eq!(wait_finished(&op, id, || lab.log()).await, "done");
+    let rep = op
+        .json("GET", &format!("/api/campaigns/{id}/report"), None)
+        .await
+        .unwrap();
+    assert_eq!(rep["trials"], 15);
+    agents.stop().await;
+}

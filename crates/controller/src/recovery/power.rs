@@ -125,6 +125,55 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn http_pdu_posts_and_maps_status() {
+        use tokio::io::AsyncReadExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let s2 = seen.clone();
+        tokio::spawn(async move {
+            for status in ["200 OK", "503 Service Unavailable"] {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = vec![0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap();
+                s2.lock().unwrap().push(
+                    String::from_utf8_lossy(&buf[..n])
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_string(),
+                );
+                let body = "done";
+                s.write_all(
+                    format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .await
+                .unwrap();
+            }
+        });
+        let p = PowerConfig::Http {
+            url: format!("http://{addr}/outlet/{{board}}/{{action}}"),
+            min_off_ms: 0,
+        };
+        assert_eq!(act(&p, "b7", "off").await.unwrap(), "done");
+        let e = act(&p, "b7", "on").await.unwrap_err().to_string();
+        assert!(e.contains("HTTP 503"), "{e}");
+        assert_eq!(seen.lock().unwrap()[0], "POST /outlet/b7/off HTTP/1.1");
+        let dead = PowerConfig::Http {
+            url: "http://127.0.0.1:1/x".into(),
+            min_off_ms: 0,
+        };
+        assert!(matches!(
+            act(&dead, "b7", "on").await,
+            Err(PowerError::Unreachable(_))
+        ));
+    }
+
+    #[tokio::test]
     async fn sim_socket_line_protocol() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();

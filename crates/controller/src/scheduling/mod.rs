@@ -790,7 +790,56 @@ impl Shared {
                     l.last_progress_ms = now_ms();
                 }
             }
-            JobPhase::Finished | JobPhase::Cancelled => {
+            JobPhase::Finished => {
+                // Finished with trials that never produced a record: the harness lost
+                // them. That is an infrastructure error (retried, capped), so an agent
+                // that keeps doing it cannot make the campaign loop forever.
+                let lost: Vec<Record> = match (
+                    lab.leases.get(board),
+                    lab.leases
+                        .get(board)
+                        .and_then(|l| lab.runs.get(&l.campaign)),
+                ) {
+                    (Some(l), Some(run)) if l.last_sent => l
+                        .outstanding
+                        .iter()
+                        .filter(|t| run.trials[**t as usize].recs.is_empty())
+                        .map(|t| {
+                            infra_record(
+                                l.campaign,
+                                l.job_id,
+                                *t,
+                                run.trials[*t as usize].attempt,
+                                run.plan.inputs.first().copied().unwrap_or(0),
+                            )
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                self.release_lease(&mut lab, board);
+                if !lost.is_empty() {
+                    tracing::warn!(
+                        board,
+                        job = js.job_id,
+                        trials = lost.len(),
+                        "job finished without results for some trials"
+                    );
+                    let me = self.clone();
+                    let board = board.to_string();
+                    tokio::spawn(async move {
+                        if let Ok(new) = me.store.ingest(&board, lost.clone(), 0).await {
+                            let fresh: Vec<&Record> = lost
+                                .iter()
+                                .zip(&new)
+                                .filter(|(_, n)| **n)
+                                .map(|(r, _)| r)
+                                .collect();
+                            me.on_records(&board, &fresh);
+                        }
+                    });
+                }
+            }
+            JobPhase::Cancelled => {
                 self.release_lease(&mut lab, board);
             }
             JobPhase::Failed | JobPhase::Suspect => {
@@ -1161,6 +1210,31 @@ impl Shared {
             "inference_outcomes": r.outcomes, "boards": boards,
             "early_stopped_strata": r.stopped.iter().filter(|s| s.is_some()).count(),
         }))
+    }
+}
+
+fn infra_record(campaign: u64, job: u64, trial: u64, attempt: u32, input: u32) -> Record {
+    Record {
+        seq: 0,
+        job_id: job,
+        campaign_id: campaign,
+        trial_id: trial,
+        attempt,
+        input,
+        outcome: Outcome::InfraError,
+        mismatched_pixels: 0,
+        nonfinite: 0,
+        iou_vs_golden: 0.0,
+        iou_vs_truth: 0.0,
+        golden_iou_vs_truth: 0.0,
+        latency_ns: 0,
+        cycles: 0,
+        power_w: 0.0,
+        vccint_mv: 0.0,
+        temp_c: 0.0,
+        start_unix_ns: 0,
+        end_unix_ns: 0,
+        detail: Some("job finished without a result for this trial".into()),
     }
 }
 

@@ -154,7 +154,7 @@ pub struct AgentState {
     pub queue: Vec<TrialSpec>,
     pub last_seen: bool,
     pub ran: u64,
-    pub done_trials: std::collections::HashSet<(u64, u32)>,
+    pub done_trials: std::collections::HashSet<(u64, u64, u32)>,
 }
 
 pub struct TestAgent {
@@ -287,10 +287,10 @@ impl TestAgent {
                                 }
                             }
                             ControllerMsg::Trials(c) => {
-                                if st.job.as_ref().map(|j| j.job_id) == Some(c.job_id) {
+                                if let Some(campaign) = st.job.as_ref().filter(|j| j.job_id == c.job_id).map(|j| j.campaign_id) {
                                     for t in c.trials {
-                                        let k = (t.trial_id, t.attempt);
-                                        if !st.done_trials.contains(&k) && !st.queue.iter().any(|q| (q.trial_id, q.attempt) == k) {
+                                        let k = (campaign, t.trial_id, t.attempt);
+                                        if !st.done_trials.contains(&k) && !st.queue.iter().any(|q| (campaign, q.trial_id, q.attempt) == k) {
                                             st.queue.push(t);
                                         }
                                     }
@@ -331,7 +331,7 @@ impl TestAgent {
                                     st.seq += 1;
                                     recs.push(rec(st.seq, &j, t.trial_id, t.attempt, *i, outcome_for(&t, *i)));
                                 }
-                                st.done_trials.insert((t.trial_id, t.attempt));
+                                st.done_trials.insert((j.campaign_id, t.trial_id, t.attempt));
                                 st.ran += 1;
                                 st.spool.extend(recs.clone());
                                 out.push(AgentMsg::Records(RecordBatch { records: recs }));
