@@ -55,6 +55,56 @@ pub async fn run(
             }
         });
     }
+    {
+        // Recurring campaigns (`schedule:`): derived from the store alone, so a
+        // restart neither forgets nor duplicates a run.
+        let s = shared.clone();
+        tokio::spawn(async move {
+            let mut iv = tokio::time::interval(std::time::Duration::from_secs(20));
+            loop {
+                iv.tick().await;
+                let st = s.store.clone();
+                let now = crate::store::now_ms() / 1000;
+                let due = tokio::task::spawn_blocking(move || {
+                    let rows = st.campaigns_blocking()?;
+                    let mut out = Vec::new();
+                    for id in crate::campaign::cron::due(&rows, now) {
+                        out.push((id, st.spec_yaml_blocking(id)?));
+                    }
+                    Ok::<_, crate::store::StoreError>(out)
+                })
+                .await;
+                let Ok(Ok(due)) = due else { continue };
+                for (id, yaml) in due {
+                    let models = s.cfg.models_dir.clone();
+                    let y2 = yaml.clone();
+                    let origin = format!("campaign {id} (recurring)");
+                    let c = match tokio::task::spawn_blocking(move || {
+                        crate::campaign::compile(&origin, &y2, &models)
+                    })
+                    .await
+                    {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(e)) => {
+                            tracing::error!(campaign = id, error = %e, "recurring campaign no longer compiles");
+                            continue;
+                        }
+                        Err(_) => continue,
+                    };
+                    let (plan, strata, inj) =
+                        (c.plan.clone(), c.strata.clone(), c.injections.clone());
+                    if let Ok(new_id) = s.store.insert_campaign(yaml, c).await {
+                        tracing::info!(
+                            campaign = new_id,
+                            after = id,
+                            "recurring campaign submitted"
+                        );
+                        s.add_campaign(new_id, plan, strata, inj);
+                    }
+                }
+            }
+        });
+    }
     let app = crate::api::router(shared.clone());
     let tcp = tokio::net::TcpListener::bind(&cfg.listen)
         .await

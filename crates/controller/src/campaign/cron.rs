@@ -123,3 +123,73 @@ mod tests {
         assert!(Cron::parse("a * * * *").is_err());
     }
 }
+
+/// Recurring campaigns: which stored campaigns are due to run again at `now_s`.
+/// A campaign repeats only if it is the newest of its name (so a restart never submits
+/// twice), it finished, and its schedule's next time after it finished has passed.
+pub fn due(rows: &[crate::store::CampaignRow], now_s: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    for r in rows {
+        let Some(expr) = &r.plan.schedule else {
+            continue;
+        };
+        let newest = rows.iter().filter(|o| o.name == r.name).map(|o| o.id).max() == Some(r.id);
+        let Some(fin) = r.finished_ms else { continue };
+        if !newest || !matches!(r.state.as_str(), "done" | "timed_out") {
+            continue;
+        }
+        if let Ok(c) = Cron::parse(expr)
+            && c.next_after(fin / 1000).is_some_and(|t| t <= now_s)
+        {
+            out.push(r.id);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod due_tests {
+    use super::*;
+    use crate::store::CampaignRow;
+
+    fn row(id: u64, name: &str, state: &str, fin: Option<u64>, sched: Option<&str>) -> CampaignRow {
+        CampaignRow {
+            id,
+            name: name.into(),
+            hash: String::new(),
+            state: state.into(),
+            total: 1,
+            created_ms: 0,
+            started_ms: None,
+            finished_ms: fin,
+            plan: crate::campaign::Plan {
+                name: name.into(),
+                seed: 1,
+                priority: 50,
+                selector: Default::default(),
+                models: vec![],
+                inputs: vec![0],
+                outcomes: Default::default(),
+                early_stop: None,
+                schedule: sched.map(String::from),
+                time_limit_s: None,
+            },
+        }
+    }
+
+    #[test]
+    fn only_the_newest_finished_run_of_a_series_repeats() {
+        // Finished 2026-12-05 11:24:10; "0 3 * * *" is next due 2026-12-06 03:00.
+        let fin = 1_796_469_850_000;
+        let rows = vec![
+            row(1, "soak", "done", Some(fin), Some("0 3 * * *")),
+            row(2, "once", "done", Some(fin), None),
+            row(3, "other", "cancelled", Some(fin), Some("0 3 * * *")),
+        ];
+        assert!(due(&rows, 1_796_525_999).is_empty());
+        assert_eq!(due(&rows, 1_796_526_000), vec![1]);
+        let mut rows2 = rows.clone();
+        rows2.push(row(4, "soak", "running", None, Some("0 3 * * *")));
+        assert!(due(&rows2, 1_796_526_000).is_empty());
+    }
+}

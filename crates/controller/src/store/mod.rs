@@ -296,6 +296,16 @@ impl Store {
         })
     }
 
+    pub fn spec_yaml_blocking(&self, id: u64) -> Result<String, StoreError> {
+        self.read_blocking(|c| {
+            Ok(c.query_row(
+                "SELECT spec_yaml FROM campaigns WHERE id=?1",
+                [id as i64],
+                |r| r.get(0),
+            )?)
+        })
+    }
+
     pub fn strata_blocking(&self, id: u64) -> Result<Vec<crate::campaign::Stratum>, StoreError> {
         self.read_blocking(|c| {
             let mut st = c.prepare(
