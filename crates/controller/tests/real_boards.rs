@@ -44,11 +44,98 @@ impl Drop for Procs {
 struct Rig {
     dir: tempfile::TempDir,
     port: u16,
-    // Held for its Drop: the processes die with the rig.
-    _procs: Procs,
+    n: usize,
+    agent_bin: PathBuf,
+    proxy: Option<Proxy>,
+    /// sims, then the controller, then the agents; all die with the rig.
+    procs: Procs,
+}
+
+/// A TCP relay between agents and the controller whose connections can be cut.
+struct Proxy {
+    port: u16,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    fn start(target: u16) -> Proxy {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> =
+            Default::default();
+        let c2 = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut a, _)) = l.accept().await {
+                let h = tokio::spawn(async move {
+                    if let Ok(mut b) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                    }
+                });
+                c2.lock().unwrap().push(h);
+            }
+        });
+        Proxy { port, conns }
+    }
+
+    /// Drops every relayed connection at once, without a close handshake.
+    fn cut(&self) {
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
 }
 
 impl Rig {
+    fn spawn_controller(&self) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("controller.log"))
+            .unwrap();
+        Command::new(env!("CARGO_BIN_EXE_hil-controller"))
+            .arg("--config")
+            .arg(self.dir.path().join("controller.yaml"))
+            .env("RUST_LOG", "info")
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    fn spawn_agent(&self, i: usize) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("agent{i}.log")))
+            .unwrap();
+        Command::new(&self.agent_bin)
+            .arg("--config")
+            .arg(self.dir.path().join(format!("agent{i}/agent.yaml")))
+            .env("RUST_LOG", "info")
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    /// SIGKILL and restart the controller on the same data dir.
+    fn restart_controller(&mut self) {
+        let c = &mut self.procs.0[self.n];
+        c.kill().unwrap();
+        c.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        self.procs.0[self.n] = self.spawn_controller();
+    }
+
+    /// SIGKILL and restart board `i`'s agent (its durable state dir survives).
+    fn restart_agent(&mut self, i: usize) {
+        let c = &mut self.procs.0[self.n + 1 + i];
+        c.kill().unwrap();
+        c.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        self.procs.0[self.n + 1 + i] = self.spawn_agent(i);
+    }
+
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
@@ -74,6 +161,10 @@ impl Rig {
 }
 
 fn start_rig(n: usize) -> Rig {
+    start_rig_with(n, false)
+}
+
+fn start_rig_with(n: usize, via_proxy: bool) -> Rig {
     let (sim_bin, agent_bin) = bins();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -149,6 +240,8 @@ fn start_rig(n: usize) -> Rig {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let proxy = via_proxy.then(|| Proxy::start(port));
+    let agent_port = proxy.as_ref().map(|p| p.port).unwrap_or(port);
     for (i, state) in sims.iter().enumerate() {
         let adir = d.join(format!("agent{i}"));
         std::fs::create_dir_all(&adir).unwrap();
@@ -156,7 +249,7 @@ fn start_rig(n: usize) -> Rig {
         std::fs::write(
             adir.join("agent.yaml"),
             format!(
-                "controller_url: ws://127.0.0.1:{port}/v1/agent\nboard_id: b{i}\ntoken_file: token\nboard_file: {}\nhw_root: {}\nmodels_dir: {}\nstate_dir: state\n",
+                "controller_url: ws://127.0.0.1:{agent_port}/v1/agent\nboard_id: b{i}\ntoken_file: token\nboard_file: {}\nhw_root: {}\nmodels_dir: {}\nstate_dir: state\n",
                 board_file.display(),
                 state.display(),
                 models.display()
@@ -177,7 +270,10 @@ fn start_rig(n: usize) -> Rig {
     Rig {
         dir,
         port,
-        _procs: procs,
+        n,
+        agent_bin,
+        proxy,
+        procs,
     }
 }
 
@@ -346,4 +442,108 @@ async fn undervolt_crash_is_recovered_and_counted_as_crash() {
     if std::env::var_os("HIL_TEST_LOGS").is_some() {
         eprintln!("{}", rig.logs());
     }
+}
+
+async fn progress(rig: &Rig, id: u64) -> u64 {
+    rig.client()
+        .json("GET", &format!("/api/campaigns/{id}"), None)
+        .await
+        .ok()
+        .and_then(|v| v["live"]["done"].as_u64())
+        .unwrap_or(0)
+}
+
+async fn wait_progress(rig: &Rig, id: u64, at_least: u64) {
+    for _ in 0..6000 {
+        if progress(rig, id).await >= at_least {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no progress to {at_least}:\n{}", rig.logs());
+}
+
+fn strata(rep: &serde_json::Value) -> Vec<(String, u64, u64, serde_json::Value)> {
+    rep["strata"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["key"].as_str().unwrap().to_string(),
+                r["trials"].as_u64().unwrap(),
+                r["failures"].as_u64().unwrap(),
+                r["outcomes"].clone(),
+            )
+        })
+        .collect()
+}
+
+/// Nominal-voltage bit flips: outcomes do not depend on the board, so a run disturbed
+/// by a controller SIGKILL + restart, an agent SIGKILL + restart and cut links must end
+/// with exactly the report of an undisturbed run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_agents_survive_controller_kill_agent_kill_and_cut_links() {
+    let yaml = "name: same\nmodels: [tiny-relu-int8]\ninputs: [0]\nfault:\n  kind: bit_flip\n  targets: {tensor_kinds: [weight]}\nstrata: [model, layer]\nsizing: {method: fixed, count: 4}\nseed: 77\n";
+    let quiet = start_rig(3);
+    wait_good(&quiet, 3).await;
+    let id = quiet
+        .client()
+        .submit("same.yaml", yaml.into())
+        .await
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    wait_done(&quiet, id).await;
+    let reference = quiet
+        .client()
+        .json("GET", &format!("/api/campaigns/{id}/report"), None)
+        .await
+        .unwrap();
+    drop(quiet);
+
+    let mut rig = start_rig_with(3, true);
+    wait_good(&rig, 3).await;
+    let v = rig.client().submit("same.yaml", yaml.into()).await.unwrap();
+    let id = v["id"].as_u64().unwrap();
+    let total = v["trials"].as_u64().unwrap();
+    wait_progress(&rig, id, total / 5).await;
+    rig.restart_controller();
+    wait_progress(&rig, id, total * 2 / 5).await;
+    rig.restart_agent(1);
+    wait_progress(&rig, id, total * 3 / 5).await;
+    rig.proxy.as_ref().unwrap().cut();
+    wait_done(&rig, id).await;
+    let rep = rig
+        .client()
+        .json("GET", &format!("/api/campaigns/{id}/report"), None)
+        .await
+        .unwrap();
+    assert_eq!(rep["hash"], reference["hash"]);
+    assert_eq!(strata(&rep), strata(&reference), "{}", rig.logs());
+    let csv = rig
+        .client()
+        .call(
+            "GET",
+            &format!("/api/campaigns/{id}/export?format=csv"),
+            None,
+        )
+        .await
+        .unwrap();
+    let rows = String::from_utf8_lossy(&csv).lines().count() as u64 - 1;
+    // One inference per trial in the final attempt; extra rows only from infra retries.
+    assert!(rows >= total, "{rows} < {total}");
+    let no_infra = String::from_utf8_lossy(&csv)
+        .lines()
+        .filter(|l| !l.contains(",infra_error,"))
+        .count() as u64
+        - 1;
+    assert_eq!(no_infra, total, "records counted twice or lost");
+    // The restart happened mid-campaign: state was rebuilt from the store.
+    assert!(
+        rig.log("controller")
+            .contains("campaign resumed from store"),
+        "{}",
+        rig.logs()
+    );
 }
