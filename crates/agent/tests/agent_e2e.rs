@@ -141,6 +141,8 @@ fn undervolt_below_vcrash_is_reported_as_a_crash_and_the_job_continues() {
         "vcrash {vcrash} too close to the rail minimum"
     );
     let mut trials = flip_trials(6, vec![]);
+    // A safe undervolt (well above Vmin): its records must carry that trial's read-back.
+    trials[1].voltages = vec![("vccint".into(), 700)];
     trials[3].voltages = vec![("vccint".into(), low)];
     ctl.set_job(job(2, MODEL, vec![0, 1]), trials);
     let mut agent = AgentProc::new(
@@ -162,6 +164,9 @@ fn undervolt_below_vcrash_is_reported_as_a_crash_and_the_job_continues() {
     ctl.with(|s| {
         assert_eq!(s.records.len(), 12, "{}", dump(&agent, &ctl));
         for r in s.records.values() {
+            if r.trial_id == 1 {
+                assert!((r.vccint_mv - 700.0).abs() <= 25.0, "stale VCCINT: {r:?}");
+            }
             if r.trial_id == 3 {
                 assert_eq!(r.outcome, Outcome::Crash, "{r:?}");
                 assert!(

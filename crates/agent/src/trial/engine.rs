@@ -427,6 +427,7 @@ impl Engine {
         if let Err(why) = self.check(board, spec) {
             return done(self.uniform(spec, Outcome::Refused, &why));
         }
+        let vccint = vccint_rail(&board.file);
         // Voltage first: faults land on a board already at its operating point.
         for (rail, mv) in &spec.voltages {
             let Some(h) = board.rails.iter_mut().find(|r| r.cfg.name == *rail) else {
@@ -455,12 +456,7 @@ impl Engine {
                 Err(e) => return done(self.uniform(spec, Outcome::InfraError, &e.to_string())),
             }
         }
-        let vccint = board
-            .file
-            .rails
-            .first()
-            .map(|r| r.name.clone())
-            .unwrap_or_default();
+        let vcc = trial_vccint_mv(board, &vccint);
         let pokes = match self.injector.apply(board, &self.manifest, &spec.faults) {
             Ok(p) => p,
             Err(InjectError::Refused(why)) => {
@@ -483,7 +479,6 @@ impl Engine {
                     continue;
                 }
             };
-            let vcc = board.sensors.rail_mv(&vccint, false).unwrap_or(0.0);
             let temp = board.sensors.max_temp_c();
             let mut rec = self.blank(spec, k, Outcome::Masked, None);
             rec.start_unix_ns = inf.start_ns;
@@ -575,6 +570,32 @@ impl Engine {
     pub fn params_phys(&self) -> u64 {
         self.params_phys
     }
+}
+
+/// The core rail records report: the one on AMS in3 (VCCINT), else one named `vccint`,
+/// else the first rail.
+pub fn vccint_rail(file: &proto::board::BoardFile) -> String {
+    file.rails
+        .iter()
+        .find(|r| r.ams_channel.as_deref() == Some("in3_input"))
+        .or_else(|| file.rail("vccint"))
+        .or_else(|| file.rails.first())
+        .map(|r| r.name.clone())
+        .unwrap_or_default()
+}
+
+/// VCCINT for this trial's records, read after its set-point was reached. The regulator
+/// read-back comes first: AMS samples only a few times a second (slower when idle), so
+/// right after a walk it can still show the previous voltage.
+pub fn trial_vccint_mv(board: &mut Board, rail: &str) -> f32 {
+    if let Some(mv) = board
+        .rail_mut(rail)
+        .and_then(|h| h.reg.read_mv().ok())
+        .filter(|mv| mv.is_finite() && *mv > 0.0)
+    {
+        return mv;
+    }
+    board.sensors.rail_mv(rail, true).unwrap_or(0.0)
 }
 
 fn truncate(mut s: String, max: usize) -> String {
