@@ -185,6 +185,63 @@ fn undervolt_below_vcrash_is_reported_as_a_crash_and_the_job_continues() {
 }
 
 #[test]
+fn golden_recheck_runs_at_nominal_so_undervolt_upsets_do_not_make_the_board_suspect() {
+    let (t, sim, ctl) = setup("e2e-golden-nominal", 9);
+    let vhang = sim.threshold("vhang_mv");
+    let vmin = sim.threshold("vmin_mv");
+    // Between Vhang and Vmin: upsets, but no hang.
+    let low = ((vhang as u32) / 10 + 1) * 10;
+    assert!(f64::from(low) < vmin - 5.0, "vhang {vhang} / vmin {vmin}");
+    let trials: Vec<TrialSpec> = (0..8)
+        .map(|i| TrialSpec {
+            trial_id: i,
+            attempt: 0,
+            faults: vec![],
+            voltages: vec![("vccint".into(), low)],
+        })
+        .collect();
+    let mut spec = job(9, MODEL, vec![0, 1]);
+    spec.golden_every = 1;
+    ctl.set_job(spec, trials);
+    let mut agent = AgentProc::new(
+        &t.path().join("agent"),
+        &ctl.url(),
+        &sim,
+        TOKEN,
+        AgentOpts::default(),
+    );
+    agent.start();
+    wait_or_dump("job ended", &agent, &ctl, || {
+        ctl.with(|s| {
+            matches!(
+                s.phase(9),
+                Some(JobPhase::Finished | JobPhase::Suspect | JobPhase::Failed)
+            )
+        })
+    });
+    ctl.with(|s| {
+        assert_eq!(
+            s.phase(9),
+            Some(JobPhase::Finished),
+            "{}",
+            dump(&agent, &ctl)
+        );
+        assert_eq!(s.records.len(), 16, "{}", dump(&agent, &ctl));
+        // The set-point really does upset this board: a re-check there would fail.
+        let failures = s
+            .records
+            .values()
+            .filter(|r| r.outcome.is_failure())
+            .count();
+        assert!(failures > 0, "no upsets at {low} mV: {:?}", s.records);
+        for r in s.records.values() {
+            assert!((r.vccint_mv - low as f32).abs() <= 25.0, "{r:?}");
+        }
+    });
+    assert_eq!(sim.vccint_mv(), Some(850));
+}
+
+#[test]
 fn out_of_range_voltage_and_non_injectable_pokes_are_refused_with_records() {
     let (t, sim, ctl) = setup("e2e-refuse", 3);
     let mut trials = flip_trials(5, vec![]);

@@ -210,6 +210,37 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Golden re-check at nominal voltage: every rail is walked (in its usual steps) to
+/// nominal, the goldens re-run, then each rail walked back to its previous set-point so
+/// the following trials inherit what they would have without the re-check.
+fn golden_recheck_at_nominal(
+    engine: &mut Engine,
+    board: &mut Board,
+) -> Result<Option<String>, PrepareError> {
+    let mut back = Vec::new();
+    for h in board.rails.iter_mut() {
+        let was = h
+            .reg
+            .read_mv()
+            .map_err(|e| PrepareError::Failed(format!("{}: {e}", h.cfg.name)))?;
+        let nominal = h.cfg.nominal_mv;
+        if (was - nominal as f32).abs() < 0.5 {
+            continue;
+        }
+        safety::walk(h, Some(&mut board.sensors), nominal, false)
+            .map_err(|e| PrepareError::Failed(e.to_string()))?;
+        back.push((h.cfg.name.clone(), was.round() as u32));
+    }
+    let verdict = engine.golden_recheck(board)?;
+    for (rail, mv) in back {
+        if let Some(h) = board.rails.iter_mut().find(|r| r.cfg.name == rail) {
+            safety::walk(h, Some(&mut board.sensors), mv, true)
+                .map_err(|e| PrepareError::Failed(e.to_string()))?;
+        }
+    }
+    Ok(verdict)
+}
+
 impl Worker {
     pub fn new(
         cfg: Config,
@@ -900,9 +931,10 @@ impl Worker {
         let every = j.spec.golden_every;
         if every > 0 && j.since_golden >= every {
             j.since_golden = 0;
-            // Golden re-check at nominal is not what the trial ran at; it checks the
-            // board, so it runs at whatever point the next trial inherits.
-            match engine.golden_recheck(board) {
+            // The re-check asks whether the board is healthy, so it runs at nominal: at an
+            // undervolted set-point upsets are expected and would make a good board
+            // "suspect". Afterwards the rails go back to where the trials had them.
+            match golden_recheck_at_nominal(engine, board) {
                 Ok(None) => {}
                 Ok(Some(why)) => {
                     self.finish(JobPhase::Suspect, Some(why));
