@@ -9,8 +9,10 @@
 //! - [`safety`]: voltage interlocks and restoring nominal on every exit path.
 //! - [`link`]: the durable record spool and the websocket client (proto v1).
 //! - [`config`]: the agent's YAML config.
+//! - [`cli`]: the `hil-agent` command line ([`cli::main_with_args`]).
 
 pub mod board;
+pub mod cli;
 pub mod config;
 pub mod driver;
 pub mod hw;

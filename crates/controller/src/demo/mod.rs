@@ -5,7 +5,6 @@
 //! (`report.json`, `report.txt`), the records (`results.parquet`), every process's log,
 //! and `lab.json` (URLs, token, campaign id) for scripts and tests.
 
-mod agent_main;
 mod lab;
 pub mod roles;
 pub mod view;

@@ -130,7 +130,7 @@ fn sim(args: impl Iterator<Item = OsString>) -> ExitCode {
 /// `hil-agent`, through the agent library's own entry point.
 fn agent(args: impl Iterator<Item = OsString>) -> ExitCode {
     exit_with_parent();
-    super::agent_main::main_with_args(args)
+    agent::cli::main_with_args(args)
 }
 
 #[derive(Parser, Debug)]
@@ -177,24 +177,4 @@ fn controller(args: impl Iterator<Item = OsString>) -> ExitCode {
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); ExitCode::SUCCESS }
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    /// The demo's agent role must run exactly the hil-agent binary's code.
-    #[test]
-    fn agent_role_is_the_agent_binary() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let out = std::process::Command::new("python3")
-            .arg(root.join("tools/sync_agent_main.py"))
-            .arg("--check")
-            .output()
-            .expect("python3");
-        assert!(
-            out.status.success(),
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 }
