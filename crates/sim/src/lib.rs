@@ -6,6 +6,7 @@
 //! - [`devices`]: regulators on the I2C socket, hwmon tree, console pty, power switch.
 //! - [`physics`]: undervolting thresholds, upsets, power and thermal model.
 //! - [`board`]: shared state and power life cycle; [`run`]: `Sim::start`.
+//! - [`cli`]: the `kv260-sim` command line ([`cli::main_with_args`]).
 //!
 //! What is modelled and what is not: `docs/sim.md`.
 
@@ -13,6 +14,7 @@ pub mod datapath;
 
 pub mod accel;
 pub mod board;
+pub mod cli;
 pub mod devices;
 pub mod memory;
 pub mod physics;

@@ -68,33 +68,11 @@ fn fail(role: &str, e: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-#[derive(Parser, Debug)]
-#[command(name = "kv260-sim")]
-struct SimArgs {
-    #[arg(long)]
-    board: PathBuf,
-    #[arg(long)]
-    state_dir: PathBuf,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long)]
-    models: Option<PathBuf>,
-    #[arg(long)]
-    log_json: bool,
-}
-
-/// `kv260-sim`, as its binary runs it: start, print the info line, wait for a stop signal.
+/// `kv260-sim`, through the sim library's own entry point.
 fn sim(args: impl Iterator<Item = OsString>) -> ExitCode {
     use nix::sys::signal::{SigSet, Signal};
-    let a = match SimArgs::try_parse_from(args) {
-        Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(2);
-        }
-    };
-    init_logs(a.log_json);
-    // Block the stop signals before any thread exists so the main thread alone takes them.
+    // Block the stop signals before the parent-watch thread exists, so the sim's main
+    // thread alone takes them (main_with_args blocks them again, harmlessly).
     let mut stop = SigSet::empty();
     stop.add(Signal::SIGINT);
     stop.add(Signal::SIGTERM);
@@ -102,29 +80,7 @@ fn sim(args: impl Iterator<Item = OsString>) -> ExitCode {
         return fail(SIM, format!("blocking SIGINT/SIGTERM: {e}"));
     }
     exit_with_parent();
-    let cfg = sim::SimConfig {
-        board_file: a.board.clone(),
-        state_dir: a.state_dir,
-        seed: a.seed,
-        models_dir: a.models,
-    };
-    let handle = match sim::Sim::start(cfg) {
-        Ok(h) => h,
-        Err(e) => {
-            return fail(
-                SIM,
-                format!("starting the board from {}: {e}", a.board.display()),
-            );
-        }
-    };
-    match serde_json::to_string(handle.info()) {
-        Ok(line) => println!("{line}"),
-        Err(e) => return fail(SIM, e),
-    }
-    let sig = stop.wait();
-    tracing::info!(signal = ?sig, "stopping");
-    handle.stop();
-    ExitCode::SUCCESS
+    sim::cli::main_with_args(args)
 }
 
 /// `hil-agent`, through the agent library's own entry point.
