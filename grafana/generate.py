@@ -238,11 +238,38 @@ def campaign():
                                                   "Value #C": "95% high", "Value #D": "inferences"}}}],
             overrides=[{"matcher": {"id": "byName", "options": "inferences"},
                         "properties": [{"id": "unit", "value": "short"}]}])
-    d.text("Per layer, per bit, per voltage",
-           "The per-layer vulnerability, per-bit and failures-vs-voltage breakdowns with their Wilson "
-           "intervals come from the stored records: `hilctl report <campaign>` (groups `model_layer`, "
-           "`model_bit`, `model_voltage` in `--format json`), or `hilctl export <campaign> --format parquet`. "
-           "The controller does not export them as metrics (yet), so no panel here shows them.")
+    d.panel("heatmap", "Per-layer vulnerability (failure rate of faults in the layer)", [
+        {"expr": f"sum by (model, layer) (hil_campaign_layer_failures_total{{{C},{M}}}) / "
+                 f"sum by (model, layer) (hil_campaign_layer_trials_total{{{C},{M}}})",
+         "legend": "{{model}} {{layer}}"}],
+        w=24, h=12, options={"calculate": False, "cellGap": 1, "color": {
+            "mode": "scheme", "scheme": "Reds", "steps": 64, "exponent": 0.5, "fill": "dark-red",
+            "reverse": False, "scale": "exponential"},
+            "yAxis": {"axisPlacement": "left", "reverse": False}, "rowsFrame": {"layout": "auto"},
+            "cellValues": {"unit": "percentunit"}, "legend": {"show": True},
+            "tooltip": {"mode": "single", "yHistogram": False, "showColorScale": True},
+            "exemplars": {"color": "rgba(255,0,255,0.7)"}},
+        description="Rows are (model, layer); colour is the cumulative failure rate of trials whose fault hit "
+                    "a parameter of that layer. Pick one model for a readable map.")
+    d.panel("barchart", "Failure rate vs voltage", [
+        {"expr": f"sum by (model, millivolts) (hil_campaign_voltage_failures_total{{{C},{M}}}) / "
+                 f"sum by (model, millivolts) (hil_campaign_voltage_trials_total{{{C},{M}}})",
+         "instant": True}],
+        w=24, h=9, unit="percentunit",
+        options={"orientation": "vertical", "xTickLabelRotation": 0, "showValue": "never",
+                 "groupWidth": 0.7, "barWidth": 0.97, "stacking": "none",
+                 "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                 "tooltip": {"mode": "multi", "sort": "none"}},
+        description="Set-point of the trial (mV, x) vs failure rate, one bar per model. The emulated board's "
+                    "timing starts failing below ~570 mV; a real KV260's threshold must be measured.",
+        transformations=[{"id": "groupingToMatrix", "options": {
+            "columnField": "model", "rowField": "millivolts", "valueField": "Value"}},
+            {"id": "convertFieldType", "options": {"conversions": [
+                {"targetField": "millivolts\\model", "destinationType": "string"}]}}])
+    d.text("Per bit",
+           "The per-bit breakdown (and every breakdown with its Wilson interval) comes from the stored "
+           "records: `hilctl report <campaign>` (group `model_bit` in `--format json`), or "
+           "`hilctl export <campaign> --format parquet`.", h=3)
     d.row("Latency and power")
     d.panel("heatmap", "Inference latency distribution", [
         {"expr": f"sum by (le) (increase(hil_inference_latency_seconds_bucket{{{M}}}[$__rate_interval]))",

@@ -2,6 +2,9 @@
 //! sets, outcomes/states are enums, and no label ever carries a trial or record id.
 //! Per-campaign series are removed when the campaign finishes.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -31,6 +34,19 @@ pub struct Metrics {
     pub canary_runs: IntCounterVec,
     pub canary_mismatches: IntCounterVec,
     pub infra_retries: IntCounter,
+    pub layer_trials: IntCounterVec,
+    pub layer_failures: IntCounterVec,
+    pub voltage_trials: IntCounterVec,
+    pub voltage_failures: IntCounterVec,
+    /// Per campaign, the label tails created on the breakdown counters above, so
+    /// `forget_campaign` can remove them (prometheus 0.14 has no partial-match removal).
+    breakdowns: Mutex<BTreeMap<String, BreakdownKeys>>,
+}
+
+#[derive(Default)]
+struct BreakdownKeys {
+    layers: BTreeSet<[String; 2]>,
+    voltages: BTreeSet<[String; 3]>,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -267,6 +283,51 @@ impl Metrics {
                 )
                 .expect("m"),
             ),
+            layer_trials: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "hil_campaign_layer_trials_total",
+                        "Finalised counted trials of an active campaign, by model and injected layer",
+                    ),
+                    &["campaign", "model", "layer"],
+                )
+                .expect("m"),
+            ),
+            layer_failures: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "hil_campaign_layer_failures_total",
+                        "Finalised failed trials of an active campaign, by model and injected layer",
+                    ),
+                    &["campaign", "model", "layer"],
+                )
+                .expect("m"),
+            ),
+            voltage_trials: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "hil_campaign_voltage_trials_total",
+                        "Finalised counted trials of an active campaign, by model and rail set-point",
+                    ),
+                    &["campaign", "model", "rail", "millivolts"],
+                )
+                .expect("m"),
+            ),
+            voltage_failures: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "hil_campaign_voltage_failures_total",
+                        "Finalised failed trials of an active campaign, by model and rail set-point",
+                    ),
+                    &["campaign", "model", "rail", "millivolts"],
+                )
+                .expect("m"),
+            ),
+            breakdowns: Mutex::new(BTreeMap::new()),
             registry: r,
         }
     }
@@ -277,8 +338,60 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 
+    /// Counts one finalised trial in the per-layer and per-voltage breakdowns, with the
+    /// report's rule: only outcomes that `trial::counts` enter n, failures are
+    /// `Outcome::is_failure`. Trials without a voltage point only count per layer.
+    pub fn count_final_trial(
+        &self,
+        campaign: &str,
+        model: &str,
+        layer: &str,
+        voltages: &[(String, u32)],
+        outcome: proto::wire::Outcome,
+    ) {
+        if !crate::scheduling::trial::counts(outcome) {
+            return;
+        }
+        let fail = outcome.is_failure();
+        let mut keys = self.breakdowns.lock().unwrap_or_else(|e| e.into_inner());
+        let k = keys.entry(campaign.to_string()).or_default();
+        let l = [campaign, model, layer];
+        self.layer_trials.with_label_values(&l).inc();
+        // Create the failure series at 0 too, so failure-rate ratios exist from the start.
+        let f = self.layer_failures.with_label_values(&l);
+        if fail {
+            f.inc();
+        }
+        k.layers.insert([model.to_string(), layer.to_string()]);
+        for (rail, mv) in voltages {
+            let mv = mv.to_string();
+            let v = [campaign, model, rail.as_str(), mv.as_str()];
+            self.voltage_trials.with_label_values(&v).inc();
+            let f = self.voltage_failures.with_label_values(&v);
+            if fail {
+                f.inc();
+            }
+            k.voltages.insert([model.to_string(), rail.clone(), mv]);
+        }
+    }
+
     /// Drop every series of a finished campaign.
     pub fn forget_campaign(&self, id: &str) {
+        let keys = self
+            .breakdowns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        if let Some(k) = keys {
+            for [m, l] in &k.layers {
+                let _ = self.layer_trials.remove_label_values(&[id, m, l]);
+                let _ = self.layer_failures.remove_label_values(&[id, m, l]);
+            }
+            for [m, r, mv] in &k.voltages {
+                let _ = self.voltage_trials.remove_label_values(&[id, m, r, mv]);
+                let _ = self.voltage_failures.remove_label_values(&[id, m, r, mv]);
+            }
+        }
         let _ = self.campaign_trials_planned.remove_label_values(&[id]);
         let _ = self.campaign_trials_done.remove_label_values(&[id]);
         let _ = self.campaign_progress.remove_label_values(&[id]);
@@ -313,6 +426,43 @@ mod tests {
         );
         m.forget_campaign("7");
         assert!(!m.render().contains("campaign=\"7\""));
+    }
+
+    #[test]
+    fn breakdowns_follow_the_report_rule_and_are_forgotten() {
+        use proto::wire::Outcome;
+        let m = Metrics::new();
+        let v = vec![("vccint".to_string(), 560u32)];
+        m.count_final_trial("3", "tiny", "enc1", &v, Outcome::SdcCritical);
+        m.count_final_trial("3", "tiny", "enc1", &v, Outcome::Masked);
+        // Refused / abandoned trials are excluded from n, like in the report.
+        m.count_final_trial("3", "tiny", "enc1", &v, Outcome::Refused);
+        m.count_final_trial("3", "tiny", "enc1", &v, Outcome::InfraError);
+        m.count_final_trial("3", "tiny", "dec1", &[], Outcome::Masked);
+        let t = m.render();
+        assert!(
+            t.contains(
+                "hil_campaign_layer_trials_total{campaign=\"3\",layer=\"enc1\",model=\"tiny\"} 2"
+            ),
+            "{t}"
+        );
+        assert!(t.contains(
+            "hil_campaign_layer_failures_total{campaign=\"3\",layer=\"enc1\",model=\"tiny\"} 1"
+        ));
+        assert!(t.contains(
+            "hil_campaign_layer_failures_total{campaign=\"3\",layer=\"dec1\",model=\"tiny\"} 0"
+        ));
+        assert!(t.contains(
+            "hil_campaign_voltage_trials_total{campaign=\"3\",millivolts=\"560\",model=\"tiny\",rail=\"vccint\"} 2"
+        ));
+        assert!(t.contains(
+            "hil_campaign_voltage_failures_total{campaign=\"3\",millivolts=\"560\",model=\"tiny\",rail=\"vccint\"} 1"
+        ));
+        m.count_final_trial("4", "tiny", "enc1", &v, Outcome::Masked);
+        m.forget_campaign("3");
+        let t = m.render();
+        assert!(!t.contains("campaign=\"3\""), "{t}");
+        assert!(t.contains("campaign=\"4\""));
     }
 
     /// `promtool check metrics` lints names, help and types; run it when installed.

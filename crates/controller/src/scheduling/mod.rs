@@ -336,7 +336,17 @@ fn apply_record(
             t.fin = Some(outcome);
             t.recs = Vec::new();
             run.done += 1;
-            let s = run.injections[trial_id as usize].stratum as usize;
+            let inj = &run.injections[trial_id as usize];
+            if live {
+                metrics.count_final_trial(
+                    &run.id.to_string(),
+                    &inj.model,
+                    &inj.layer,
+                    &inj.voltages,
+                    outcome,
+                );
+            }
+            let s = inj.stratum as usize;
             if let Some(es) = run.plan.early_stop
                 && run.stopped[s].is_none()
             {
