@@ -171,8 +171,8 @@ def lab_overview():
         {"expr": f"hil_board_temperature_celsius{{{B}}}", "legend": "{{board}} {{sensor}}"}],
         unit="celsius", options=TS)
     d.panel("timeseries", "Rail voltages (read-back)", [
-        {"expr": f"hil_board_rail_millivolts{{{B}}}", "legend": "{{board}} {{rail}}"}],
-        w=24, unit="mvolt", options=TS, description=(
+        {"expr": f"hil_board_rail_volts{{{B}}}", "legend": "{{board}} {{rail}}"}],
+        w=24, unit="volt", options=TS, description=(
             "Read back through the AMS monitor. Undervolting campaigns move VCCINT on purpose, "
             "never outside the board file's hard limits (docs/operating.md, Voltage limits)."))
     d.row("Recovery")
@@ -318,9 +318,9 @@ def field():
         {"expr": f"sum by (board) (rate(hil_field_canary_runs_total{{{B}}}[$__rate_interval])) or vector(0)",
          "legend": "{{board}}"}], unit="short", options=TS)
     d.panel("timeseries", "VCCINT and temperature of field boards", [
-        {"expr": f'hil_board_rail_millivolts{{{B},rail="vccint"}}', "legend": "{{board}} VCCINT"},
+        {"expr": f'hil_board_rail_volts{{{B},rail="vccint"}}', "legend": "{{board}} VCCINT"},
         {"expr": f"max by (board) (hil_board_temperature_celsius{{{B}}})", "legend": "{{board}} max temp"}],
-        unit="mvolt", options=TS,
+        unit="volt", options=TS,
         overrides=[{"matcher": {"id": "byRegexp", "options": ".*max temp"},
                     "properties": [{"id": "unit", "value": "celsius"},
                                    {"id": "custom.axisPlacement", "value": "right"}]}],

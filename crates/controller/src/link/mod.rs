@@ -379,9 +379,10 @@ fn on_telemetry(shared: &Shared, board: &str, t: proto::wire::Telemetry) {
     // anyway so a misbehaving agent cannot blow up the label space.
     for (rail, mv) in t.rails_mv.iter().take(16) {
         if rail.len() <= 32 && mv.is_finite() {
-            m.rail_millivolts
+            // Base units: volts.
+            m.rail_volts
                 .with_label_values(&[board, rail])
-                .set(*mv as f64);
+                .set(*mv as f64 / 1000.0);
         }
     }
     for (s, c) in t.temps_c.iter().take(16) {

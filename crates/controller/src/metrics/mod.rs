@@ -16,7 +16,9 @@ pub struct Metrics {
     pub board_up: IntGaugeVec,
     pub board_bad_alert: IntGaugeVec,
     pub power_watts: GaugeVec,
-    pub rail_millivolts: GaugeVec,
+    pub rail_volts: GaugeVec,
+    pub rail_min_volts: GaugeVec,
+    pub rail_max_volts: GaugeVec,
     pub temperature_celsius: GaugeVec,
     pub inference_latency: HistogramVec,
     pub trial_outcomes: IntCounterVec,
@@ -103,10 +105,32 @@ impl Metrics {
                 )
                 .expect("m"),
             ),
-            rail_millivolts: reg(
+            rail_volts: reg(
                 &r,
                 GaugeVec::new(
-                    Opts::new("hil_board_rail_millivolts", "Measured rail voltage"),
+                    Opts::new("hil_board_rail_volts", "Measured rail voltage (read-back)"),
+                    &["board", "rail"],
+                )
+                .expect("m"),
+            ),
+            rail_min_volts: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "hil_board_rail_min_volts",
+                        "Hard lower limit of a rail, from the agent's Hello capabilities",
+                    ),
+                    &["board", "rail"],
+                )
+                .expect("m"),
+            ),
+            rail_max_volts: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "hil_board_rail_max_volts",
+                        "Hard upper limit of a rail, from the agent's Hello capabilities",
+                    ),
                     &["board", "rail"],
                 )
                 .expect("m"),
@@ -470,6 +494,13 @@ mod tests {
     fn promtool_accepts_the_exposition() {
         let m = Metrics::new();
         m.board_up.with_label_values(&["b0"]).set(1);
+        m.rail_volts.with_label_values(&["b0", "vccint"]).set(0.85);
+        m.rail_min_volts
+            .with_label_values(&["b0", "vccint"])
+            .set(0.55);
+        m.rail_max_volts
+            .with_label_values(&["b0", "vccint"])
+            .set(0.9);
         m.inference_latency
             .with_label_values(&["tiny-relu-int8"])
             .observe(0.002);

@@ -884,6 +884,18 @@ impl Shared {
             .or_insert_with(|| Board::new(board, BTreeMap::new()));
         b.session = Some(session.clone());
         b.last_seen_ms = now;
+        // Hard limits per rail, for the out-of-band alert. Same caps as telemetry rails
+        // (a handful per board file) so a hostile Hello cannot blow up the label space.
+        for r in caps.rails.iter().take(16).filter(|r| r.name.len() <= 32) {
+            self.metrics
+                .rail_min_volts
+                .with_label_values(&[board, r.name.as_str()])
+                .set(r.min_mv as f64 / 1000.0);
+            self.metrics
+                .rail_max_volts
+                .with_label_values(&[board, r.name.as_str()])
+                .set(r.max_mv as f64 / 1000.0);
+        }
         b.capabilities = Some(caps);
         b.agent_version = Some(agent_version);
         let committed = b.committed_upto;
