@@ -15,6 +15,7 @@ pub struct Metrics {
     pub boards: IntGaugeVec,
     pub board_up: IntGaugeVec,
     pub board_bad_alert: IntGaugeVec,
+    pub board_health: IntGaugeVec,
     pub power_watts: GaugeVec,
     pub rail_volts: GaugeVec,
     pub rail_min_volts: GaugeVec,
@@ -94,6 +95,17 @@ impl Metrics {
                         "1 once a board went bad after failed recoveries",
                     ),
                     &["board"],
+                )
+                .expect("m"),
+            ),
+            board_health: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "hil_board_health",
+                        "1 for the board's current health, 0 for the other values",
+                    ),
+                    &["board", "health"],
                 )
                 .expect("m"),
             ),
@@ -494,6 +506,7 @@ mod tests {
     fn promtool_accepts_the_exposition() {
         let m = Metrics::new();
         m.board_up.with_label_values(&["b0"]).set(1);
+        m.board_health.with_label_values(&["b0", "good"]).set(1);
         m.rail_volts.with_label_values(&["b0", "vccint"]).set(0.85);
         m.rail_min_volts
             .with_label_values(&["b0", "vccint"])

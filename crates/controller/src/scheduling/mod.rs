@@ -727,6 +727,13 @@ impl Shared {
             m.board_up
                 .with_label_values(&[&b.id])
                 .set((c == crate::registry::Connectivity::Online) as i64);
+            // All six values on every update, so a health change never leaves a stale 1.
+            let shown = b.shown_health(now, off);
+            for h in Health::ALL {
+                m.board_health
+                    .with_label_values(&[&b.id, h.as_str()])
+                    .set((h == shown) as i64);
+            }
         }
         for c in crate::registry::Connectivity::ALL {
             for s in SchedState::ALL {
