@@ -226,10 +226,7 @@ impl Manifest {
     /// every node input and parameter resolvable.
     pub fn validate(&self) -> Result<(), String> {
         if self.format != FORMAT {
-            return Err(format!(
-                "format is {:?}, expected {FORMAT:?}",
-                self.format
-            ));
+            return Err(format!("format is {:?}, expected {FORMAT:?}", self.format));
         }
         let mut spans: Vec<(usize, usize, &str)> = Vec::new();
         for t in &self.tensors {
