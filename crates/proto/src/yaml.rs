@@ -70,8 +70,9 @@ mod tests {
     /// If an upgrade changes this, configs written with `yes` change meaning: look first.
     #[test]
     fn yaml11_yes_is_true() {
-        let t: T = from_str("t.yaml", "enabled: yes\n").unwrap();
+        let t: T = from_str("t.yaml", "enabled: yes\nn: 3\n").unwrap();
         assert!(t.enabled);
+        assert_eq!(t.n, 3);
     }
 
     #[test]
