@@ -782,6 +782,12 @@ impl Worker {
             return Duration::from_secs(1);
         }
         if j.engine.is_none() {
+            // An injection job prepares once its first trials are held, so that a
+            // job-level refusal (wrong accelerator ID, ...) becomes refusal records
+            // for them instead of racing the first chunk.
+            if matches!(j.spec.mode, JobMode::Inject) && j.trials.is_empty() && !j.last_seen {
+                return idle;
+            }
             if !self.prepare() {
                 return Duration::from_secs(1);
             }
