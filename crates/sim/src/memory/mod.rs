@@ -85,12 +85,24 @@ impl MemFile {
             .open(path)
             .map_err(io("create"))?;
         file.set_len(len).map_err(io("set size"))?;
-        // SAFETY: a fresh shared read/write mapping of a file we just sized to `len`; the
-        // pointer is only used through the methods below, which bounds-check every access.
+        Self::map_shared(path, file, ulen, base)
+    }
+
+    /// Map all `len` bytes of `file` shared and read/write.
+    fn map_shared(
+        path: &Path,
+        file: File,
+        len: NonZeroUsize,
+        base: u64,
+    ) -> Result<MemFile, MemError> {
+        // SAFETY: a shared read/write mapping of `len` bytes of a file at least that
+        // long; the pointer is only used through the methods below, which bounds-check
+        // every access against `len`. (If another process shrank the file, accesses past
+        // its end would fault; the emulator never shrinks it.)
         let p = unsafe {
             mmap(
                 None,
-                ulen,
+                len,
                 ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
                 MapFlags::MAP_SHARED,
                 file.as_fd(),
@@ -99,14 +111,14 @@ impl MemFile {
         }
         .map_err(|errno| MemError::Map {
             path: path.to_path_buf(),
-            len: ulen.get(),
+            len: len.get(),
             errno,
         })?;
         Ok(MemFile {
             path: path.to_path_buf(),
             file,
             ptr: p.cast(),
-            len: ulen.get(),
+            len: len.get(),
             base,
         })
     }
@@ -134,31 +146,8 @@ impl MemFile {
                 path: path.to_path_buf(),
                 len,
             })?;
-        // SAFETY: a shared mapping of the whole file as it is now; accesses are
-        // bounds-checked against `len`. (If the owner shrank the file, accesses past the
-        // end would fault; the emulator never shrinks it.)
-        let p = unsafe {
-            mmap(
-                None,
-                ulen,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                file.as_fd(),
-                0,
-            )
-        }
-        .map_err(|errno| MemError::Map {
-            path: path.to_path_buf(),
-            len: ulen.get(),
-            errno,
-        })?;
-        Ok(MemFile {
-            path: path.to_path_buf(),
-            file,
-            ptr: p.cast(),
-            len: ulen.get(),
-            base,
-        })
+        // The owner never shrinks the file, so the whole length stays mapped.
+        Self::map_shared(path, file, ulen, base)
     }
 
     pub fn path(&self) -> &Path {
