@@ -395,6 +395,34 @@ impl Outcome {
 }
 
 impl Record {
+    /// A record for an inference that produced no measurement (refused, crashed, harness
+    /// error): every measured field zero. Callers fill in the ids with struct update
+    /// syntax, `Record { trial_id, input, ..Record::unmeasured(outcome, detail) }`.
+    pub fn unmeasured(outcome: Outcome, detail: String) -> Record {
+        Record {
+            seq: 0,
+            job_id: 0,
+            campaign_id: 0,
+            trial_id: 0,
+            attempt: 0,
+            input: 0,
+            outcome,
+            mismatched_pixels: 0,
+            nonfinite: 0,
+            iou_vs_golden: 0.0,
+            iou_vs_truth: 0.0,
+            golden_iou_vs_truth: 0.0,
+            latency_ns: 0,
+            cycles: 0,
+            power_w: 0.0,
+            vccint_mv: 0.0,
+            temp_c: 0.0,
+            start_unix_ns: 0,
+            end_unix_ns: 0,
+            detail: Some(detail),
+        }
+    }
+
     /// The controller's idempotency key: a record re-sent after a reconnect or an agent
     /// restart carries the same key (and the same `seq`).
     pub fn key(&self) -> (u64, u64, u32, u32) {

@@ -657,27 +657,16 @@ impl Worker {
         let n = j.spec.inputs.len();
         for t in &j.trials[j.next as usize..] {
             for k in 0..n {
+                let now = crate::trial::engine::unix_ns();
                 self.pending.push(Record {
-                    seq: 0,
                     job_id: j.spec.job_id,
                     campaign_id: j.spec.campaign_id,
                     trial_id: t.trial_id,
                     attempt: t.attempt,
                     input: j.spec.inputs[k],
-                    outcome: Outcome::Refused,
-                    mismatched_pixels: 0,
-                    nonfinite: 0,
-                    iou_vs_golden: 0.0,
-                    iou_vs_truth: 0.0,
-                    golden_iou_vs_truth: 0.0,
-                    latency_ns: 0,
-                    cycles: 0,
-                    power_w: 0.0,
-                    vccint_mv: 0.0,
-                    temp_c: 0.0,
-                    start_unix_ns: crate::trial::engine::unix_ns(),
-                    end_unix_ns: crate::trial::engine::unix_ns(),
-                    detail: Some(why.chars().take(512).collect()),
+                    start_unix_ns: now,
+                    end_unix_ns: now,
+                    ..Record::unmeasured(Outcome::Refused, why.chars().take(512).collect())
                 });
             }
         }

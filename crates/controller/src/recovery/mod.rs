@@ -323,26 +323,15 @@ fn crash_record(
     cause: &str,
 ) -> Record {
     Record {
-        seq: 0,
         job_id: job,
         campaign_id: campaign,
         trial_id: trial,
         attempt,
         input,
-        outcome: Outcome::Crash,
-        mismatched_pixels: 0,
-        nonfinite: 0,
-        iou_vs_golden: 0.0,
-        iou_vs_truth: 0.0,
-        golden_iou_vs_truth: 0.0,
-        latency_ns: 0,
-        cycles: 0,
-        power_w: 0.0,
-        vccint_mv: 0.0,
-        temp_c: 0.0,
-        start_unix_ns: 0,
-        end_unix_ns: 0,
-        detail: Some(format!("board died during the trial: {cause}")),
+        ..Record::unmeasured(
+            Outcome::Crash,
+            format!("board died during the trial: {cause}"),
+        )
     }
 }
 

@@ -1244,26 +1244,15 @@ impl Shared {
 
 fn infra_record(campaign: u64, job: u64, trial: u64, attempt: u32, input: u32) -> Record {
     Record {
-        seq: 0,
         job_id: job,
         campaign_id: campaign,
         trial_id: trial,
         attempt,
         input,
-        outcome: Outcome::InfraError,
-        mismatched_pixels: 0,
-        nonfinite: 0,
-        iou_vs_golden: 0.0,
-        iou_vs_truth: 0.0,
-        golden_iou_vs_truth: 0.0,
-        latency_ns: 0,
-        cycles: 0,
-        power_w: 0.0,
-        vccint_mv: 0.0,
-        temp_c: 0.0,
-        start_unix_ns: 0,
-        end_unix_ns: 0,
-        detail: Some("job finished without a result for this trial".into()),
+        ..Record::unmeasured(
+            Outcome::InfraError,
+            "job finished without a result for this trial".into(),
+        )
     }
 }
 
