@@ -8,28 +8,25 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_session_over_wss() {
-    let dir = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).unwrap();
-    std::fs::write(dir.path().join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
+/// Starts `hil-controller` on a free port with one board token (`b0: tok-b0`) plus
+/// `extra` config lines, and waits until it accepts connections.
+fn start_controller(dir: &std::path::Path, extra: &str) -> (std::process::Child, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     std::fs::write(
-        dir.path().join("c.yaml"),
+        dir.join("c.yaml"),
         format!(
-            "listen: 127.0.0.1:{port}\ndata_dir: {d}/data\nmodels_dir: {d}\ntls: {{cert: {d}/cert.pem, key: {d}/key.pem}}\ntokens:\n  boards: {{b0: tok-b0}}\n",
-            d = dir.path().display()
+            "listen: 127.0.0.1:{port}\ndata_dir: {d}/data\nmodels_dir: {d}\n{extra}tokens:\n  boards: {{b0: tok-b0}}\n",
+            d = dir.display()
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hil-controller"))
+    let child = Command::new(env!("CARGO_BIN_EXE_hil-controller"))
         .arg("--config")
-        .arg(dir.path().join("c.yaml"))
+        .arg(dir.join("c.yaml"))
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -39,6 +36,20 @@ async fn agent_session_over_wss() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    (child, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_session_over_wss() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
+    let tls = format!(
+        "tls: {{cert: {d}/cert.pem, key: {d}/key.pem}}\n",
+        d = dir.path().display()
+    );
+    let (mut child, port) = start_controller(dir.path(), &tls);
 
     // Plain HTTP on the TLS port gets no HTTP answer.
     let plain = controller::client::http_request(
@@ -121,31 +132,7 @@ async fn agent_session_over_wss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn version_without_overlap_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    std::fs::write(
-        dir.path().join("c.yaml"),
-        format!(
-            "listen: 127.0.0.1:{port}\ndata_dir: {d}/data\nmodels_dir: {d}\ntokens:\n  boards: {{b0: tok-b0}}\n",
-            d = dir.path().display()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hil-controller"))
-        .arg("--config")
-        .arg(dir.path().join("c.yaml"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    for _ in 0..600 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut child, port) = start_controller(dir.path(), "");
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/v1/agent"))
         .await
         .unwrap();
