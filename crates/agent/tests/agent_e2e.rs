@@ -12,6 +12,13 @@ const TOKEN: &str = "board-token-1";
 const MODEL: &str = "tiny-relu-int8";
 const LONG: Duration = Duration::from_secs(240);
 
+/// A started `hil-agent` in `<dir>/agent`, dialling the test controller.
+fn start_agent(dir: &std::path::Path, ctl: &Ctl, sim: &SimProc, opts: AgentOpts) -> AgentProc {
+    let mut agent = AgentProc::new(&dir.join("agent"), &ctl.url(), sim, TOKEN, opts);
+    agent.start();
+    agent
+}
+
 fn setup(name: &str, seed: u64) -> (tempfile::TempDir, SimProc, Ctl) {
     let t = tempfile::Builder::new().prefix(name).tempdir().unwrap();
     let sim = SimProc::start(&t.path().join("sim"), seed);
@@ -50,14 +57,7 @@ fn wait_or_dump(what: &str, agent: &AgentProc, ctl: &Ctl, mut f: impl FnMut() ->
 fn job_of_500_trials_survives_two_kills_and_three_cuts() {
     let (t, sim, ctl) = setup("e2e-500", 1);
     ctl.set_job(job(1, MODEL, vec![0]), flip_trials(500, vec![]));
-    let mut agent = AgentProc::new(
-        &t.path().join("agent"),
-        &ctl.url(),
-        &sim,
-        TOKEN,
-        AgentOpts::default(),
-    );
-    agent.start();
+    let mut agent = start_agent(t.path(), &ctl, &sim, AgentOpts::default());
     // Interruptions at increasing record counts: kill, cut, cut, kill, cut.
     let plan: [(usize, &str); 5] = [
         (60, "kill"),
@@ -145,14 +145,7 @@ fn undervolt_below_vcrash_is_reported_as_a_crash_and_the_job_continues() {
     trials[1].voltages = vec![("vccint".into(), 700)];
     trials[3].voltages = vec![("vccint".into(), low)];
     ctl.set_job(job(2, MODEL, vec![0, 1]), trials);
-    let mut agent = AgentProc::new(
-        &t.path().join("agent"),
-        &ctl.url(),
-        &sim,
-        TOKEN,
-        AgentOpts::default(),
-    );
-    agent.start();
+    let agent = start_agent(t.path(), &ctl, &sim, AgentOpts::default());
     wait_until("crash records", LONG, || {
         ctl.with(|s| s.records.values().any(|r| r.outcome == Outcome::Crash))
     });
@@ -203,14 +196,7 @@ fn golden_recheck_runs_at_nominal_so_undervolt_upsets_do_not_make_the_board_susp
     let mut spec = job(9, MODEL, vec![0, 1]);
     spec.golden_every = 1;
     ctl.set_job(spec, trials);
-    let mut agent = AgentProc::new(
-        &t.path().join("agent"),
-        &ctl.url(),
-        &sim,
-        TOKEN,
-        AgentOpts::default(),
-    );
-    agent.start();
+    let agent = start_agent(t.path(), &ctl, &sim, AgentOpts::default());
     wait_or_dump("job ended", &agent, &ctl, || {
         ctl.with(|s| {
             matches!(
@@ -266,14 +252,7 @@ fn out_of_range_voltage_and_non_injectable_pokes_are_refused_with_records() {
     }];
     trials[4].voltages = vec![("vccint".into(), 950)];
     ctl.set_job(job(3, MODEL, vec![0]), trials);
-    let mut agent = AgentProc::new(
-        &t.path().join("agent"),
-        &ctl.url(),
-        &sim,
-        TOKEN,
-        AgentOpts::default(),
-    );
-    agent.start();
+    let agent = start_agent(t.path(), &ctl, &sim, AgentOpts::default());
     wait_until("job finished", LONG, || ctl.with(|s| s.finished(3)));
     ctl.with(|s| {
         let by: std::collections::HashMap<u64, &proto::wire::Record> =
@@ -318,8 +297,7 @@ fn accelerator_id_mismatch_refuses_the_job() {
         board_file: bf,
         ..Default::default()
     };
-    let mut agent = AgentProc::new(&t.path().join("agent"), &ctl.url(), &sim, TOKEN, opts);
-    agent.start();
+    let agent = start_agent(t.path(), &ctl, &sim, opts);
     wait_until("job failed", LONG, || {
         ctl.with(|s| s.phase(4) == Some(JobPhase::Failed))
     });
@@ -344,14 +322,7 @@ fn held_low(n: u64) -> Vec<TrialSpec> {
 fn nominal_voltage_is_back_after_sigterm() {
     let (t, sim, ctl) = setup("e2e-term", 5);
     ctl.set_job(job(5, MODEL, vec![0]), held_low(100_000));
-    let mut agent = AgentProc::new(
-        &t.path().join("agent"),
-        &ctl.url(),
-        &sim,
-        TOKEN,
-        AgentOpts::default(),
-    );
-    agent.start();
+    let mut agent = start_agent(t.path(), &ctl, &sim, AgentOpts::default());
     wait_until("trials running at 800 mV", LONG, || ctl.records() >= 5);
     assert_eq!(sim.vccint_mv(), Some(800));
     agent.signal(Signal::SIGTERM);
@@ -370,8 +341,7 @@ fn nominal_voltage_is_back_after_controller_loss() {
         grace_ms: 1500,
         ..Default::default()
     };
-    let mut agent = AgentProc::new(&t.path().join("agent"), &ctl.url(), &sim, TOKEN, opts);
-    agent.start();
+    let agent = start_agent(t.path(), &ctl, &sim, opts);
     wait_until("trials running at 800 mV", LONG, || ctl.records() >= 5);
     assert_eq!(sim.vccint_mv(), Some(800));
     ctl.st.lock().unwrap().accept = false;
@@ -418,14 +388,7 @@ fn field_mode_runs_canaries_against_the_golden() {
         rounds: Some(5),
     };
     ctl.set_job(spec, vec![]);
-    let mut agent = AgentProc::new(
-        &t.path().join("agent"),
-        &ctl.url(),
-        &sim,
-        TOKEN,
-        AgentOpts::default(),
-    );
-    agent.start();
+    let agent = start_agent(t.path(), &ctl, &sim, AgentOpts::default());
     wait_until("field job finished", LONG, || ctl.with(|s| s.finished(8)));
     ctl.with(|s| {
         assert_eq!(s.records.len(), 10, "{}", dump(&agent, &ctl));
